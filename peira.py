@@ -1,0 +1,352 @@
+"""PEIRA: Predictive Embeddings through Inter-View Regressor Alignment.
+
+The core of the method in one copy-pasteable file (torch only).
+
+Two encoders U, V map two views x, y of the same input to k-dim embeddings u, v.
+With uncentered moments
+
+    N = E[u uᵀ + v vᵀ],   S = E[u vᵀ + v uᵀ],   Q = (N + λI)⁻¹,   P = S Q,
+
+P is the optimal symmetrized ridge regressor between the views,
+
+    P = argmin_P ½E‖Pu − v‖² + ½E‖Pv − u‖² + (λ/2)‖P‖²_F,
+
+and the encoders minimise
+
+    L_PEIRA(U, V) = −½ Tr(P) + (λ/2) E[‖u‖² + ‖v‖²].
+
+The global minimisers are the leading nonlinear CCA directions of (x, y), soft-thresholded:
+U* = Σ_i a_i q_i u_i, V* = Σ_i a_i q_i v_i with a_i = sqrt(max(√s_i − λ, 0) / 2).
+
+Training uses the auxiliary loss (same gradient as L_PEIRA when P, Q are the optimal ones)
+with P, Q formed from running moments, all-reduced across ranks under data parallelism:
+
+    >>> import torch
+    >>> loss_fn = PEIRALoss(dim=8, lam=0.1, eta=0.5)
+    >>> u, v = torch.randn(32, 8, requires_grad=True), torch.randn(32, 8, requires_grad=True)
+    >>> loss = loss_fn(u, v)          # update moments, form P and Q, return L_aux
+    >>> loss.backward()
+    >>> sorted(loss_fn.stats())
+    ['alignment', 'embedding_std', 'eta', 'objective', 'rank_N', 'trace_P']
+"""
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+__all__ = [
+    "moments", "optimal_regressor", "peira_objective", "aux_loss", "PEIRALoss",
+    "nonlinear_cca", "linear_cca", "peira_filter", "simsiam_filter",
+    "effective_rank", "alignment",
+]
+
+
+# -----------------------------------------------------------------------------
+# input checks
+
+def _check_lam(lam):
+    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam > 0):
+        raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
+
+
+def _check_pair(u, v):
+    if u.ndim != 2 or u.shape != v.shape:
+        raise ValueError(f"u and v must both have shape (batch, dim), got {tuple(u.shape)} "
+                         f"and {tuple(v.shape)}")
+    if u.shape[0] < 2:
+        raise ValueError("batch size 1: moments need at least 2 samples per batch")
+
+
+def _compute_dtype(x):
+    """float64 stays float64; half, bfloat16 and float32 are computed in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _no_autocast(x):
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+# -----------------------------------------------------------------------------
+# moments, regressor, objective, auxiliary loss
+
+def _moment_sums(u, v):
+    """Sums over the batch: (Σ uuᵀ + vvᵀ, Σ uvᵀ + vuᵀ, Σ u, Σ v), in float32 or float64."""
+    with _no_autocast(u):
+        u, v = u.to(_compute_dtype(u)), v.to(_compute_dtype(u))
+        uv = u.T @ v
+        return u.T @ u + v.T @ v, uv + uv.T, u.sum(0), v.sum(0)
+
+
+def _moments_from_sums(sum_nn, sum_ss, sum_u, sum_v, n, center):
+    N, S = sum_nn / n, sum_ss / n
+    if center:  # E[(u - m_u)(u - m_u)ᵀ] = E[uuᵀ] - m_u m_uᵀ, and likewise for the others
+        mu, mv = sum_u / n, sum_v / n
+        N = N - torch.outer(mu, mu) - torch.outer(mv, mv)
+        S = S - torch.outer(mu, mv) - torch.outer(mv, mu)
+    return N, S
+
+
+def moments(u, v, center=False):
+    """Batch moments N = mean(uuᵀ + vvᵀ), S = mean(uvᵀ + vuᵀ) of embeddings u, v (B, k).
+
+    Computed in float32 (float64 for float64 input) even under autocast; differentiable.
+    With center=True the batch means are subtracted first.
+
+    >>> u = torch.tensor([[1., 0.], [0., 1.]]); N, S = moments(u, u)
+    >>> N.tolist(), S.tolist()
+    ([[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]])
+    """
+    _check_pair(u, v)
+    with _no_autocast(u):
+        if center:
+            u, v = u - u.mean(0), v - v.mean(0)
+        return _moments_from_sums(*_moment_sums(u, v), u.shape[0], center=False)
+
+
+def optimal_regressor(N, S, lam):
+    """(P, Q) with Q = (N + λI)⁻¹ and P = S Q, via a Cholesky factorisation of N + λI.
+
+    P minimises ½E‖Pu − v‖² + ½E‖Pv − u‖² + (λ/2)‖P‖²_F. Differentiable in N and S.
+    """
+    _check_lam(lam)
+    if N.ndim != 2 or N.shape[0] != N.shape[1] or N.shape != S.shape:
+        raise ValueError(f"N and S must be square and of equal shape, got {tuple(N.shape)} "
+                         f"and {tuple(S.shape)}")
+    with _no_autocast(N):
+        N, S = N.to(_compute_dtype(N)), S.to(_compute_dtype(N))
+        eye = torch.eye(N.shape[0], dtype=N.dtype, device=N.device)
+        L = torch.linalg.cholesky(N + lam * eye)
+        Q = torch.cholesky_solve(eye, L)
+        P = torch.cholesky_solve(S, L).T  # S Q = (Q S)ᵀ since S and Q are symmetric
+        return P, Q
+
+
+def _objective(N, S, lam):
+    """−½ Tr(S (N + λI)⁻¹) + (λ/2) Tr(N): L_PEIRA written with the moments."""
+    P, _ = optimal_regressor(N, S, lam)
+    return -0.5 * torch.trace(P) + 0.5 * lam * torch.trace(N)
+
+
+def peira_objective(u, v, lam, center=False):
+    """Exact minibatch objective −½Tr(P) + (λ/2)E(‖u‖² + ‖v‖²), differentiable through the
+    inverse (the "direct" algorithm: its gradient is a biased estimate of the population one).
+    """
+    _check_lam(lam)
+    N, S = moments(u, v, center)
+    return _objective(N, S, lam)
+
+
+def aux_loss(u, v, P, Q, lam):
+    """Auxiliary loss ½E[(Qu)ᵀ(Pu − v)] + ½E[(Qv)ᵀ(Pv − u)] + (λ/2)E[‖u‖² + ‖v‖²].
+
+    P and Q are constants (detached). With the optimal P, Q of the same moments, its gradient
+    equals that of L_PEIRA; per sample ∂u = QSQu − Qv + λu and ∂v = QSQv − Qu + λv.
+    """
+    _check_lam(lam)
+    _check_pair(u, v)
+    with _no_autocast(u):
+        dtype = _compute_dtype(u)
+        u, v = u.to(dtype), v.to(dtype)
+        P, Q = P.detach().to(dtype), Q.detach().to(dtype)
+        qu, qv = u @ Q, v @ Q                                  # rows of (Qu)ᵀ, Q symmetric
+        fit = (qu * (u @ P.T - v)).sum(1) + (qv * (v @ P.T - u)).sum(1)
+        return 0.5 * fit.mean() + 0.5 * lam * (u.square().sum(1) + v.square().sum(1)).mean()
+
+
+# -----------------------------------------------------------------------------
+# diagnostics
+
+def effective_rank(N):
+    """exp(entropy of the normalised eigenvalues) of a PSD matrix (Roy & Vetterli, 2007)."""
+    eig = torch.linalg.eigvalsh(N.double()).clamp_min(0)
+    p = eig / eig.sum().clamp_min(1e-300)
+    return torch.exp(-(p * torch.log(p.clamp_min(1e-300))).sum()).item()
+
+
+def alignment(P, S):
+    """Cosine ⟨P, S⟩_F / (‖P‖_F ‖S‖_F) between the regressor and the cross moment."""
+    P, S = P.double(), S.double()
+    return ((P * S).sum() / (P.norm() * S.norm()).clamp_min(1e-300)).item()
+
+
+# -----------------------------------------------------------------------------
+# the training module: running moments, all-reduced under data parallelism
+
+class PEIRALoss(nn.Module):
+    """PEIRA loss with running moments (the preprint's Algorithm 1).
+
+    forward(u, v), in training mode:
+      1. batch moment sums of u, v, all-reduced across ranks when torch.distributed is
+         initialised, so every rank sees the moments of the global batch;
+      2. N ← (1−η)N + η N_batch, S ← (1−η)S + η S_batch (the first batch initialises them);
+      3. P, Q from the running moments, without gradient;
+      4. returns aux_loss on the local batch. DDP's gradient averaging then gives the gradient
+         of the global batch (for equal local batch sizes).
+    In eval mode the running moments are used as they are. `eta` may be changed between steps
+    to anneal it. With center=True, u and v are centered by the (global, detached) batch mean;
+    this leaves the gradient exact because the auxiliary gradient is linear in the centered
+    embeddings, which sum to zero over the batch.
+    """
+
+    def __init__(self, dim, lam=0.1, eta=0.5, center=False):
+        super().__init__()
+        _check_lam(lam)
+        self.dim, self.lam, self.eta, self.center = dim, lam, eta, center
+        self.register_buffer("N", torch.zeros(dim, dim))
+        self.register_buffer("S", torch.zeros(dim, dim))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("embedding_std", torch.zeros(()))
+
+    def extra_repr(self):
+        return f"dim={self.dim}, lam={self.lam}, eta={self.eta}, center={self.center}"
+
+    def _global_sums(self, u, v):
+        """Moment sums over the global batch, and its size: one all_reduce when distributed."""
+        sums = _moment_sums(u, v)
+        flat = torch.cat([s.flatten() for s in sums] + [sums[2].new_tensor([u.shape[0]])])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flat)
+        k = self.dim
+        sum_nn, sum_ss = flat[:k * k].view(k, k), flat[k * k:2 * k * k].view(k, k)
+        sum_u, sum_v, n = flat[2 * k * k:2 * k * k + k], flat[2 * k * k + k:-1], flat[-1]
+        return sum_nn, sum_ss, sum_u, sum_v, n
+
+    def _raise_non_finite(self, u, v):
+        bad = [f"{name} has {int((~torch.isfinite(t)).sum())} non-finite of {t.numel()} entries"
+               for name, t in (("u", u), ("v", v)) if not torch.isfinite(t).all()]
+        where = "; ".join(bad) if bad else "the embeddings of another rank are non-finite"
+        raise FloatingPointError(f"PEIRALoss step {int(self.steps)}: {where}")
+
+    @torch.no_grad()
+    def _update(self, u, v):
+        sum_nn, sum_ss, sum_u, sum_v, n = self._global_sums(u.detach(), v.detach())
+        if not torch.isfinite(sum_nn).all():  # the one host sync of a step
+            self._raise_non_finite(u, v)
+        N, S = _moments_from_sums(sum_nn, sum_ss, sum_u, sum_v, n, self.center)
+        eta = torch.where(self.steps == 0, 1.0, self.eta).to(self.N.dtype)  # no host sync
+        self.N.lerp_(N.to(self.N.dtype), eta)
+        self.S.lerp_(S.to(self.S.dtype), eta)
+        self.steps += 1
+        var = sum_nn.diagonal() / n - (sum_u / n) ** 2 - (sum_v / n) ** 2  # per-dim var u + var v
+        self.embedding_std.copy_((var / 2).clamp_min(0).sqrt().mean())
+        return (sum_u / n, sum_v / n)
+
+    def forward(self, u, v):
+        _check_pair(u, v)
+        if u.shape[1] != self.dim:
+            raise ValueError(f"embeddings have dim {u.shape[1]}, PEIRALoss was built for {self.dim}")
+        if not 0 < self.eta <= 1:
+            raise ValueError(f"eta must be in (0, 1], got {self.eta}")
+        if self.training:
+            mu, mv = self._update(u, v)
+        elif self.steps == 0:
+            raise RuntimeError("PEIRALoss in eval mode has no running moments yet")
+        else:
+            mu, mv = u.detach().mean(0), v.detach().mean(0)
+        if self.center:
+            u, v = u - mu.to(u.dtype), v - mv.to(v.dtype)
+        P, Q = optimal_regressor(self.N, self.S, self.lam)
+        return aux_loss(u, v, P, Q, self.lam)
+
+    @property
+    def P(self):
+        return optimal_regressor(self.N, self.S, self.lam)[0]
+
+    @property
+    def Q(self):
+        return optimal_regressor(self.N, self.S, self.lam)[1]
+
+    def objective(self):
+        """The exact objective L_PEIRA evaluated at the running moments."""
+        return _objective(self.N, self.S, self.lam).item()
+
+    def stats(self):
+        """Diagnostics for logging: objective, Tr P, effective rank of N, alignment ⟨P, S⟩,
+        mean per-dimension std of the last batch's embeddings, current eta."""
+        P, _ = optimal_regressor(self.N, self.S, self.lam)
+        trace_P = torch.trace(P).item()
+        return {
+            "objective": -0.5 * trace_P + 0.5 * self.lam * torch.trace(self.N).item(),
+            "trace_P": trace_P,
+            "rank_N": effective_rank(self.N),
+            "alignment": alignment(P, self.S),
+            "embedding_std": self.embedding_std.item(),
+            "eta": self.eta,
+        }
+
+
+# -----------------------------------------------------------------------------
+# canonical correlation analysis and spectral filters
+
+def nonlinear_cca(joint, k=None):
+    """Nonlinear CCA of a discrete joint probability table J (nx, ny).
+
+    Returns (s, u, v): canonical correlations s (descending, s[0] = 1) and canonical
+    functions as tables u (nx, k), v (ny, k), orthonormal in L2 of each marginal, with
+    E[u_i(x) v_j(y)] = s_i δ_ij. From the SVD of D_x^{-1/2} J D_y^{-1/2}; the sign of each
+    pair is fixed so that u_i's largest entry in absolute value is positive.
+
+    >>> s, u, v = nonlinear_cca(torch.tensor([[0.4, 0.1], [0.1, 0.4]], dtype=torch.float64))
+    >>> [round(x, 6) for x in s.tolist()]
+    [1.0, 0.6]
+    """
+    if joint.ndim != 2:
+        raise ValueError(f"joint must be a 2-D table, got shape {tuple(joint.shape)}")
+    joint = joint.to(_compute_dtype(joint))
+    if not torch.isfinite(joint).all() or (joint < 0).any():
+        raise ValueError("joint has negative or non-finite entries")
+    total = joint.sum().item()
+    if abs(total - 1) > 1e-6:
+        raise ValueError(f"joint must sum to 1, sums to {total:.8g}")
+    px, py = joint.sum(1), joint.sum(0)
+    if (px == 0).any() or (py == 0).any():
+        raise ValueError("joint has a value of x or y with zero probability; drop its row/column")
+    M = joint / px.sqrt()[:, None] / py.sqrt()[None, :]
+    A, s, Bh = torch.linalg.svd(M)
+    k = min(joint.shape) if k is None else k
+    u, v = A[:, :k] / px.sqrt()[:, None], Bh[:k].T / py.sqrt()[:, None]
+    sign = torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True)))
+    return s[:k], u * sign, v * sign
+
+
+def linear_cca(x, y, k=None, eps=0.0):
+    """Linear CCA of data matrices x (n, dx), y (n, dy) (centered inside).
+
+    Returns (s, A, B): canonical correlations (descending) and projections A (dx, k),
+    B (dy, k) such that (x − x̄)A and (y − ȳ)B have identity covariance and
+    cross-covariance diag(s). eps is added to both covariances' diagonals.
+    """
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must be (n, d) with the same n, got {tuple(x.shape)} "
+                         f"and {tuple(y.shape)}")
+    if x.shape[0] < 2:
+        raise ValueError("linear_cca needs at least 2 samples")
+    dtype = _compute_dtype(x)
+    x, y = x.to(dtype), y.to(dtype)
+    x, y = x - x.mean(0), y - y.mean(0)
+    n = x.shape[0]
+    Lx = torch.linalg.cholesky(x.T @ x / n + eps * torch.eye(x.shape[1], dtype=dtype))
+    Ly = torch.linalg.cholesky(y.T @ y / n + eps * torch.eye(y.shape[1], dtype=dtype))
+    # whitened cross-covariance Lx⁻¹ Cxy Ly⁻ᵀ
+    W = torch.linalg.solve_triangular(Lx, x.T @ y / n, upper=False)
+    W = torch.linalg.solve_triangular(Ly, W.T, upper=False).T
+    Uw, s, Vh = torch.linalg.svd(W)
+    k = min(x.shape[1], y.shape[1]) if k is None else k
+    A = torch.linalg.solve_triangular(Lx.T, Uw[:, :k], upper=True)
+    B = torch.linalg.solve_triangular(Ly.T, Vh[:k].T, upper=True)
+    return s[:k], A, B
+
+
+def peira_filter(s, lam):
+    """Amplitudes of PEIRA's global minimisers: sqrt(max(√s − λ, 0) / 2)."""
+    s = torch.as_tensor(s)
+    return ((s.clamp_min(0).sqrt() - lam).clamp_min(0) / 2).sqrt()
+
+
+def simsiam_filter(s, lam):
+    """Amplitudes of the SimSiam-like dynamics' stable equilibria:
+    (s + √(s² − 4λ)) / 2 if s² ≥ 4λ, else 0."""
+    s = torch.as_tensor(s)
+    disc = s.square() - 4 * lam
+    return torch.where(disc >= 0, (s + disc.clamp_min(0).sqrt()) / 2, torch.zeros_like(s))
