@@ -393,3 +393,24 @@ def test_bad_input_raises_clear_errors():
         peira.nonlinear_cca(2 * J)
     with pytest.raises(ValueError, match="zero probability"):
         peira.nonlinear_cca(torch.tensor([[0.5, 0.0], [0.5, 0.0]], dtype=F64))
+
+
+# -----------------------------------------------------------------------------
+# simsiam_dynamics.py, reduced
+
+def test_simsiam_dynamics_reduced(tmp_path, monkeypatch):
+    import json
+    import simsiam_dynamics as sd
+    monkeypatch.setattr(sd, "GRAD_REPEATS", 100)
+    results = sd.main(["--starts", "4", "--out", str(tmp_path)])
+    rows = [r for sec in (1, 2, 3, 4) for r in results[f"section{sec}"]["rows"]]
+    failed = [r["claim"] for r in rows if r["pass"] is False]
+    assert not failed, failed
+    # the errors the theory makes exact, asserted here too, and the normalisation found
+    sec2, sec3 = results["section2"], results["section3"]
+    assert sec2["amplitude_error"] < 1e-6 and sec2["normalisation"] == "f"
+    assert max(abs(L - sec3["L_star"]) for L in sec3["L_end"]) < 1e-8
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["all_passed"] and saved["section3"]["L_star"] == sec3["L_star"]
+    for name in ("lyapunov.png", "collapse.png", "amplitudes.png", "objective_vs_alignment.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
