@@ -105,7 +105,7 @@ def moments(u, v, center=False):
 
 
 def optimal_regressor(N, S, lam):
-    """(P, Q) with Q = (N + λI)⁻¹ and P = S Q, via a Cholesky factorisation of N + λI.
+    """(P, Q) with Q = (N + λI)⁻¹ and P = S Q; Q from a Cholesky factorisation of N + λI.
 
     P minimises ½E‖Pu − v‖² + ½E‖Pv − u‖² + (λ/2)‖P‖²_F. Differentiable in N and S.
     """
@@ -116,10 +116,8 @@ def optimal_regressor(N, S, lam):
     with _no_autocast(N):
         N, S = N.to(_compute_dtype(N)), S.to(_compute_dtype(N))
         eye = torch.eye(N.shape[0], dtype=N.dtype, device=N.device)
-        L = torch.linalg.cholesky(N + lam * eye)
-        Q = torch.cholesky_solve(eye, L)
-        P = torch.cholesky_solve(S, L).T  # S Q = (Q S)ᵀ since S and Q are symmetric
-        return P, Q
+        Q = torch.cholesky_inverse(torch.linalg.cholesky(N + lam * eye))  # Q itself is needed
+        return S @ Q, Q
 
 
 def _objective(N, S, lam):

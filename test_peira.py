@@ -3,6 +3,7 @@
     python -m pytest -q test_peira.py
 """
 import doctest
+import math
 import os
 import socket
 import tempfile
@@ -414,3 +415,106 @@ def test_simsiam_dynamics_reduced(tmp_path, monkeypatch):
     assert saved["all_passed"] and saved["section3"]["L_star"] == sec3["L_star"]
     for name in ("lyapunov.png", "collapse.png", "amplitudes.png", "objective_vs_alignment.png"):
         assert (tmp_path / name).stat().st_size > 10_000
+
+
+# -----------------------------------------------------------------------------
+# train_cifar.py on a small fake CIFAR-10 in torchvision's on-disk format
+
+def make_fake_cifar(root, n_train=640, n_test=320, seed=0):
+    """cifar-10-batches-py/{data_batch_1..5, test_batch}: pickled dicts of uint8 rows (N, 3072)
+    and labels; images are noisy class-coloured squares so that accuracy means something."""
+    import pickle
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 256, (10, 3, 1, 1))
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder, exist_ok=True)
+
+    def batch(n):
+        labels = rng.integers(0, 10, n)
+        imgs = np.clip(colours[labels] + rng.normal(0, 40, (n, 3, 32, 32)), 0, 255).astype(np.uint8)
+        return {"data": imgs.reshape(n, -1), "labels": labels.tolist()}
+
+    for name, n in [(f"data_batch_{i}", n_train // 5) for i in range(1, 6)] + [("test_batch", n_test)]:
+        with open(os.path.join(folder, name), "wb") as fh:
+            pickle.dump(batch(n), fh)
+    return root
+
+
+@pytest.fixture(scope="module")
+def fake_cifar(tmp_path_factory):
+    return make_fake_cifar(str(tmp_path_factory.mktemp("cifar")))
+
+
+def cifar_args(data, out, *extra):
+    return ["--data", data, "--out", str(out), "--tiny", "--subset", "128", "--batch-size", "64",
+            "--workers", "0", *extra]
+
+
+def read_jsonl(path):
+    import json
+    with open(path) as fh:
+        return [json.loads(line) for line in fh]
+
+
+@pytest.mark.parametrize("loss", ["peira", "peira_direct", "simsiam", "vicreg"])
+def test_train_cifar_two_steps_of_each_loss(fake_cifar, tmp_path, loss):
+    import train_cifar
+    history = train_cifar.main(cifar_args(fake_cifar, tmp_path, "--loss", loss, "--epochs", "1"))
+    steps = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "step" in r]
+    assert [r["step"] for r in steps] == [0, 1] and all(math.isfinite(r["loss"]) for r in steps)
+    assert 0 <= history[-1]["knn"] <= 1 and math.isfinite(history[-1]["objective"])
+    assert (tmp_path / "results.json").exists() and (tmp_path / "objective_vs_knn.png").exists()
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["config"]["loss"] == loss
+
+
+def test_train_cifar_resume_continues_exactly(fake_cifar, tmp_path):
+    import train_cifar
+    train_cifar.main(cifar_args(fake_cifar, tmp_path / "straight", "--epochs", "2"))
+    train_cifar.main(cifar_args(fake_cifar, tmp_path / "resumed", "--epochs", "2", "--stop-after", "1"))
+    train_cifar.main(cifar_args(fake_cifar, tmp_path / "resumed", "--epochs", "2", "--resume"))
+    straight = [r for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl") if "step" in r]
+    resumed = [r for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl") if "step" in r]
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3]
+    for a, b in zip(straight, resumed):
+        assert a["loss"] == b["loss"] and a["lr"] == b["lr"] and a["eta"] == b["eta"], (a, b)
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0)
+    torch.testing.assert_close(a["monitor"]["N"], b["monitor"]["N"], rtol=0, atol=0)
+
+
+def test_train_cifar_eval_mode(fake_cifar, tmp_path):
+    import train_cifar
+    train_cifar.main(cifar_args(fake_cifar, tmp_path, "--epochs", "1"))
+    res = train_cifar.main(["--data", fake_cifar, "--eval", str(tmp_path / "ckpt.pt"), "--probe-epochs", "3"])
+    assert 0 <= res["linear_top1"] <= res["linear_top5"] <= 1 and res["epoch"] == 1
+
+
+def test_train_cifar_two_processes(fake_cifar, tmp_path):
+    """torchrun, gloo: the script itself asserts that both ranks hold identical running moments."""
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "train_cifar.py", *cifar_args(fake_cifar, tmp_path, "--epochs", "1")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.abspath(__file__)), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    steps = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "step" in r]
+    assert len(steps) == 2  # 128 images, global batch 64: each rank ran 2 steps of 32
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["epoch"] == 1
+
+
+def test_train_cifar_bad_input(fake_cifar, tmp_path):
+    import train_cifar
+    with pytest.raises(SystemExit, match="CIFAR-10 not found at .*nowhere"):
+        train_cifar.main(cifar_args(str(tmp_path / "nowhere"), tmp_path, "--epochs", "1"))
+    with pytest.raises(SystemExit):
+        train_cifar.main(cifar_args(fake_cifar, tmp_path, "--lam", "-1"))
+    # a diverging run stops at the step that produced a non-finite value and saves nothing
+    with pytest.raises(FloatingPointError, match="step"):
+        train_cifar.main(cifar_args(fake_cifar, tmp_path / "nan", "--epochs", "1", "--optimizer", "sgd",
+                                    "--lr", "1e30", "--clip", "0", "--warmup-epochs", "0"))
+    assert not (tmp_path / "nan" / "ckpt.pt").exists()

@@ -1,0 +1,594 @@
+"""Self-supervised learning on CIFAR-10 with PEIRA (and the baselines it is compared with).
+
+    python train_cifar.py                                  # PEIRA, preprint recipe (1000 epochs, GPU)
+    python train_cifar.py --loss vicreg --epochs 200       # a baseline, same data/model/budget
+    torchrun --standalone --nproc_per_node=4 train_cifar.py  # several GPUs (DDP, SyncBatchNorm)
+    python train_cifar.py --tiny                           # CPU smoke run, about a minute
+    python train_cifar.py --resume                         # continue exactly from --out/ckpt.pt
+    python train_cifar.py --eval out/cifar/ckpt.pt         # offline linear probe of a checkpoint
+
+Losses (--loss): peira (running moments, η annealed, the preprint's Algorithm 1), peira_direct
+(P, Q from the minibatch, back-propagated through the inverse: the "bad" algorithm), simsiam
+(predictor + stop-gradient), vicreg (25 / 25 / 1, global-batch statistics). Every epoch: kNN
+accuracy (cosine, k 200, T 0.1, clean train images as memory bank), online linear probe, the
+PEIRA objective and diagnostics of the embeddings (for every loss), a checkpoint.
+Writes into --out: config.json, metrics.jsonl, ckpt.pt, results.json, objective_vs_knn.png.
+"""
+import argparse
+import json
+import math
+import os
+import pickle
+import socket
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.nn.functional import all_gather as all_gather_with_grad
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+import peira
+
+# -----------------------------------------------------------------------------
+# hyperparameters (defaults: the preprint's CIFAR-10 recipe)
+
+parser = argparse.ArgumentParser(description="PEIRA on CIFAR-10", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser.add_argument("--data", default="./data", help="folder holding cifar-10-batches-py (downloaded if missing)")
+parser.add_argument("--out", default="out/cifar", help="output folder: config, metrics, checkpoint, figure")
+parser.add_argument("--loss", default="peira", choices=["peira", "peira_direct", "simsiam", "vicreg"])
+parser.add_argument("--epochs", type=int, default=1000)
+parser.add_argument("--batch-size", type=int, default=256, help="global batch (split across ranks)")
+parser.add_argument("--optimizer", default="lars", choices=["lars", "sgd"])
+parser.add_argument("--lr", type=float, default=0.04, help="peak learning rate for the global batch")
+parser.add_argument("--wd", type=float, default=1e-4, help="weight decay (not on biases and norms)")
+parser.add_argument("--warmup-epochs", type=float, default=10)
+parser.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
+parser.add_argument("--clip-from", type=int, default=4, help="first epoch with clipping")
+parser.add_argument("--lam", type=float, default=0.7, help="PEIRA λ (also used by the monitor)")
+parser.add_argument("--eta-start", type=float, default=0.8, help="running-moment weight η at step 0")
+parser.add_argument("--eta-end", type=float, default=0.5, help="η at the last step (linear anneal)")
+parser.add_argument("--proj", default="2048-2048-1024", help="projector widths, last = embedding dim k")
+parser.add_argument("--width", type=int, default=64, help="ResNet-18 base width")
+parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading workers per rank")
+parser.add_argument("--subset", type=int, default=0, help="use the first N train / N//2 test images (0: all)")
+parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
+                    help="bf16 autocast (moments and solves stay in float32)")
+parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+parser.add_argument("--tiny", action="store_true", help="CPU preset: width 16, proj 128-128-64, 1024 images, 3 epochs")
+parser.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
+parser.add_argument("--stop-after", type=int, default=0, help="exit after this many epochs of this run (for time-limited jobs; 0: run to --epochs)")
+parser.add_argument("--eval", metavar="CKPT", help="offline linear probe of a checkpoint, then exit")
+parser.add_argument("--probe-epochs", type=int, default=100, help="offline linear probe epochs (--eval)")
+parser.add_argument("--seed", type=int, default=0)
+
+TINY = dict(width=16, proj="128-128-64", subset=1024, epochs=3, batch_size=128, warmup_epochs=1,
+            lr=0.3, workers=2, clip_from=0)
+KNN_K, KNN_T = 200, 0.1          # kNN monitor (InstDisc / solo-learn)
+COLLAPSE_STD = 0.1               # warn when √k · std of the normalised embeddings falls below this
+VICREG_COEFFS = (25.0, 25.0, 1.0)  # invariance, variance, covariance (official VICReg)
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+# -----------------------------------------------------------------------------
+# distributed set-up (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)
+
+
+def setup_distributed():
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        return rank, world, torch.device("cuda", local)
+    dist.init_process_group("gloo")
+    return rank, world, torch.device("cpu")
+
+
+def all_gather_cat(x, world):
+    if world == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+# -----------------------------------------------------------------------------
+# data: CIFAR-10 from torchvision's on-disk format, two augmented views per image
+
+def load_cifar(root, train):
+    """uint8 images (N, 3, 32, 32) and labels, read from root/cifar-10-batches-py; downloaded
+    with torchvision when the folder is missing. Exits with one clear message otherwise."""
+    from torchvision.datasets import CIFAR10
+    folder = os.path.join(root, CIFAR10.base_folder)
+    if not os.path.isdir(folder):
+        try:
+            socket.setdefaulttimeout(30)
+            CIFAR10(root, download=True)
+        except Exception as e:
+            sys.exit(f"CIFAR-10 not found at {folder} and it could not be downloaded ({type(e).__name__}: {e}).\n"
+                     f"Download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and "
+                     f"extract it into {os.path.abspath(root)} (it holds cifar-10-batches-py/data_batch_1..5, test_batch).")
+    names = [n for n, _ in (CIFAR10.train_list if train else CIFAR10.test_list)]
+    images, labels = [], []
+    try:
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as fh:
+                entry = pickle.load(fh, encoding="latin1")
+            images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(entry["labels"])
+    except Exception as e:
+        sys.exit(f"CIFAR-10 at {folder} is missing files or corrupt ({type(e).__name__}: {e}). "
+                 f"Delete the folder to download it again, or extract cifar-10-python.tar.gz there.")
+    return torch.from_numpy(np.concatenate(images)), torch.tensor(labels)
+
+
+def load_splits(root, subset):
+    """Train and test images (N, 3, 32, 32) and labels; the first `subset` train and subset // 2
+    test images when subset > 0."""
+    (train_x, train_y), (test_x, test_y) = load_cifar(root, True), load_cifar(root, False)
+    if subset:
+        return train_x[:subset], train_y[:subset], test_x[:subset // 2], test_y[:subset // 2]
+    return train_x, train_y, test_x, test_y
+
+
+def ssl_augment():
+    """The standard CIFAR SSL recipe (solo-learn / VICReg): RandomResizedCrop(0.2, 1), flip,
+    colour jitter, grayscale, solarize."""
+    return v2.Compose([
+        v2.RandomResizedCrop(32, scale=(0.2, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+        v2.RandomSolarize(128, p=0.1),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(CIFAR_MEAN, CIFAR_STD),
+    ])
+
+
+class TwoViews(torch.utils.data.Dataset):
+    def __init__(self, images, labels):
+        self.images, self.labels, self.augment = images, labels, ssl_augment()
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        img = self.images[i]
+        return self.augment(img), self.augment(img), self.labels[i]
+
+
+def normalize_clean(images, device):
+    x = images.to(device, non_blocking=True).float().div_(255)
+    mean = torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1)
+    return (x - mean) / torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1)
+
+
+# -----------------------------------------------------------------------------
+# model: ResNet-18 with the CIFAR stem, projector, SimSiam predictor
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 with the CIFAR stem: 3×3 conv, stride 1, no max-pool. Output: pooled features."""
+
+    def __init__(self, width=64):
+        super().__init__()
+        w = [width, 2 * width, 4 * width, 8 * width]
+        self.stem = nn.Sequential(nn.Conv2d(3, w[0], 3, 1, 1, bias=False), nn.BatchNorm2d(w[0]), nn.ReLU())
+        blocks, cin = [], w[0]
+        for i, cout in enumerate(w):
+            blocks += [BasicBlock(cin, cout, 1 if i == 0 else 2), BasicBlock(cout, cout, 1)]
+            cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.dim = w[-1]
+
+    def forward(self, x):
+        return F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1)
+
+
+def mlp(dims, last_bn):
+    """Linear-BN-ReLU layers, then a last Linear (followed by a BN without affine if last_bn)."""
+    layers = []
+    for i in range(len(dims) - 2):
+        layers += [nn.Linear(dims[i], dims[i + 1], bias=False), nn.BatchNorm1d(dims[i + 1]), nn.ReLU()]
+    layers.append(nn.Linear(dims[-2], dims[-1]))
+    if last_bn:
+        layers.append(nn.BatchNorm1d(dims[-1], affine=False))
+    return nn.Sequential(*layers)
+
+
+class SSLModel(nn.Module):
+    def __init__(self, loss, width, proj):
+        super().__init__()
+        self.backbone = ResNet18(width)
+        dims = [self.backbone.dim] + proj
+        self.projector = mlp(dims, last_bn=loss == "simsiam")
+        # SimSiam's predictor: bottleneck of a quarter of the embedding (2048-512-2048)
+        self.predictor = mlp([dims[-1], dims[-1] // 4, dims[-1]], False) if loss == "simsiam" else None
+
+    def forward(self, x1, x2):
+        h = self.backbone(torch.cat([x1, x2]))
+        z = self.projector(h)
+        p = self.predictor(z) if self.predictor is not None else None
+        return h, z, p
+
+
+# -----------------------------------------------------------------------------
+# losses
+
+def simsiam_loss(z, p):
+    z1, z2 = z.chunk(2)
+    p1, p2 = p.chunk(2)
+    return -0.5 * (F.cosine_similarity(p1, z2.detach()).mean() + F.cosine_similarity(p2, z1.detach()).mean())
+
+
+def vicreg_loss(z, world):
+    """Official VICReg: invariance MSE, std hinge and off-diagonal covariance on the global batch
+    (all_gather with gradient: its backward sums the gradients of every rank's statistics)."""
+    z1, z2 = z.float().chunk(2)
+    inv = F.mse_loss(z1, z2)
+    if world > 1:
+        z1, z2 = torch.cat(all_gather_with_grad(z1)), torch.cat(all_gather_with_grad(z2))
+    n, d = z1.shape
+    var = cov = 0
+    for zz in (z1, z2):
+        zz = zz - zz.mean(0)
+        var = var + F.relu(1 - torch.sqrt(zz.var(0) + 1e-4)).mean() / 2
+        c = zz.T @ zz / (n - 1)
+        cov = cov + (c.square().sum() - c.diagonal().square().sum()) / d
+    a, b, g = VICREG_COEFFS
+    return a * inv + b * var + g * cov
+
+
+def ssl_loss(name, z, p, loss_fn, args, world):
+    if name == "peira":
+        return loss_fn(*z.chunk(2))
+    if name == "peira_direct":
+        return peira.peira_objective(*z.chunk(2), args.lam)
+    if name == "simsiam":
+        return simsiam_loss(z, p)
+    return vicreg_loss(z, world)
+
+
+# -----------------------------------------------------------------------------
+# optimiser and schedules (functions of the step, so resume is exact)
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust ratio; parameters with ndim ≤ 1 (biases, norms)
+    get neither weight decay nor the trust ratio."""
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, trust=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust=trust))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:
+                    d = d.add(p, alpha=g["weight_decay"])
+                    pn, dn = p.norm(), d.norm()
+                    d = d.mul(torch.where((pn > 0) & (dn > 0), g["trust"] * pn / dn, 1.0))
+                buf = self.state[p].setdefault("mu", torch.zeros_like(p))
+                buf.mul_(g["momentum"]).add_(d)
+                p.add_(buf, alpha=-g["lr"])
+
+
+def make_optimizer(model, args):
+    if args.optimizer == "lars":
+        return LARS(model.parameters(), lr=args.lr, weight_decay=args.wd)
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    rest = [p for p in model.parameters() if p.ndim <= 1]
+    return torch.optim.SGD([{"params": decay, "weight_decay": args.wd}, {"params": rest, "weight_decay": 0.0}],
+                           lr=args.lr, momentum=0.9)
+
+
+def learning_rate(step, total, warmup, peak):
+    """Linear warmup, then cosine to 0."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+# -----------------------------------------------------------------------------
+# evaluation: kNN monitor, linear probes
+
+@torch.no_grad()
+def features(backbone, images, device, batch=512):
+    """L2-normalised backbone features of clean (un-augmented) images, gathered from all ranks
+    when images are sharded (each rank holds images[rank::world])."""
+    backbone.eval()
+    out = [F.normalize(backbone(normalize_clean(images[i:i + batch], device)).float(), dim=1)
+           for i in range(0, len(images), batch)]
+    backbone.train()
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def knn_accuracy(train_feat, train_labels, test_feat, test_labels, k=KNN_K, t=KNN_T, classes=10):
+    """Weighted kNN (cosine similarity, votes exp(sim / T)), as in InstDisc and solo-learn."""
+    correct = 0
+    k = min(k, len(train_feat))
+    for i in range(0, len(test_feat), 1024):
+        sim, idx = (test_feat[i:i + 1024] @ train_feat.T).topk(k, dim=1)
+        votes = torch.zeros(len(sim), classes, device=sim.device)
+        votes.scatter_add_(1, train_labels[idx], (sim / t).exp())
+        correct += (votes.argmax(1) == test_labels[i:i + 1024]).sum().item()
+    return correct / len(test_feat)
+
+
+def sharded_features(backbone, images, device, rank, world):
+    """Features of all images, each rank computing a contiguous shard (then all-gathered)."""
+    per = math.ceil(len(images) / world)
+    local = features(backbone, images[rank * per:(rank + 1) * per], device)
+    if world == 1:
+        return local
+    padded = torch.zeros(per, local.shape[1], device=device)
+    padded[:len(local)] = local
+    return all_gather_cat(padded, world)[:len(images)]
+
+
+def linear_probe(train_x, train_y, test_x, test_y, epochs, seed, batch=1024):
+    """Offline linear probe on frozen features: SGD, momentum 0.9, cosine lr; top-1 / top-5."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    clf = nn.Linear(train_x.shape[1], 10).to(train_x.device)
+    opt = torch.optim.SGD(clf.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-6)
+    steps = epochs * math.ceil(len(train_x) / batch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in tqdm(range(epochs), desc="linear probe", leave=False):
+        perm = torch.randperm(len(train_x), generator=gen).to(train_x.device)
+        for i in range(0, len(train_x), batch):
+            idx = perm[i:i + batch]
+            loss = F.cross_entropy(clf(train_x[idx]), train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        top5 = clf(test_x).topk(5, dim=1).indices
+    return (top5[:, 0] == test_y).float().mean().item(), (top5 == test_y[:, None]).any(1).float().mean().item()
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def save_checkpoint(path, state):
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        sys.exit(f"no checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def evaluate_checkpoint(args, device):
+    ckpt = load_checkpoint(args.eval)
+    cfg = ckpt["config"]
+    model = SSLModel(cfg["loss"], cfg["width"], [int(d) for d in cfg["proj"].split("-")]).to(device)
+    model.load_state_dict(ckpt["model"])
+    train_x, train_y, test_x, test_y = load_splits(args.data, cfg["subset"])
+    ftr = features(model.backbone, train_x, device)
+    fte = features(model.backbone, test_x, device)
+    top1, top5 = linear_probe(ftr, train_y.to(device), fte, test_y.to(device), args.probe_epochs, args.seed)
+    knn = knn_accuracy(ftr, train_y.to(device), fte, test_y.to(device))
+    print(f"{args.eval} (epoch {ckpt['epoch']}): linear probe top-1 {100 * top1:.2f}%, top-5 {100 * top5:.2f}%, "
+          f"kNN {100 * knn:.2f}%")
+    return {"linear_top1": top1, "linear_top5": top5, "knn": knn, "epoch": ckpt["epoch"]}
+
+
+# -----------------------------------------------------------------------------
+# training
+
+def check_args(args):
+    if args.tiny:
+        for key, value in TINY.items():
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
+    problems = []
+    if not args.lam > 0:
+        problems.append(f"--lam must be > 0 (got {args.lam})")
+    if not (0 < args.eta_end <= 1 and 0 < args.eta_start <= 1):
+        problems.append("--eta-start and --eta-end must be in (0, 1]")
+    if args.epochs < 1 or args.batch_size < 2 or args.lr <= 0:
+        problems.append("--epochs ≥ 1, --batch-size ≥ 2 and --lr > 0 are required")
+    try:
+        proj = [int(d) for d in args.proj.split("-")]
+        assert all(d > 0 for d in proj)
+    except (ValueError, AssertionError):
+        problems.append(f"--proj must be widths like 2048-2048-1024 (got {args.proj!r})")
+    if problems:
+        parser.error("; ".join(problems))
+    return proj
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    proj = check_args(args)
+    rank, world, device = setup_distributed()
+    master = rank == 0
+    if args.eval:
+        return evaluate_checkpoint(args, device)
+    if args.batch_size % world:
+        parser.error(f"--batch-size {args.batch_size} is not divisible by {world} ranks")
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    if master:
+        os.makedirs(args.out, exist_ok=True)
+        if not args.resume:
+            open(os.path.join(args.out, "metrics.jsonl"), "w").close()
+        with open(os.path.join(args.out, "config.json"), "w") as fh:
+            json.dump(vars(args), fh, indent=1)
+
+    # data
+    train_x, train_y, test_x, test_y = load_splits(args.data, args.subset)
+    dataset = TwoViews(train_x, train_y)
+    local_batch = args.batch_size // world
+    steps_per_epoch = len(dataset) // args.batch_size
+    if steps_per_epoch == 0:
+        parser.error(f"--batch-size {args.batch_size} is larger than the {len(dataset)} training images")
+    total_steps = args.epochs * steps_per_epoch
+
+    # model, losses, optimisers
+    torch.manual_seed(args.seed)
+    model = SSLModel(args.loss, args.width, proj).to(device)
+    probe = nn.Linear(model.backbone.dim, 10).to(device)
+    if world > 1 and device.type == "cuda":  # SyncBatchNorm runs on GPUs only; CPU ranks keep local BN
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    monitor = peira.PEIRALoss(proj[-1], lam=args.lam, eta=args.eta_start).to(device)  # the loss for --loss peira
+    opt = make_optimizer(model, args)
+    probe_opt = torch.optim.SGD(probe.parameters(), lr=0.1, momentum=0.9)
+    start_epoch = 0
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        for name, obj in (("model", model), ("probe", probe), ("monitor", monitor), ("opt", opt), ("probe_opt", probe_opt)):
+            obj.load_state_dict(ckpt[name])
+        start_epoch = ckpt["epoch"]
+        if master:
+            print(f"resumed from {ckpt_path} at epoch {start_epoch}")
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    train_step_model = torch.compile(ddp) if args.compile else ddp
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+
+    history = []
+    last_epoch = min(args.epochs, start_epoch + args.stop_after) if args.stop_after else args.epochs
+    for epoch in range(start_epoch, last_epoch):
+        # the epoch's order and augmentations are functions of (seed, epoch, rank): resume is exact
+        gen = torch.Generator().manual_seed(args.seed * 100_003 + epoch * 1009 + rank)
+        torch.manual_seed(args.seed * 100_003 + epoch * 1009 + rank)
+        sampler = torch.utils.data.distributed.DistributedSampler(dataset, world, rank, seed=args.seed, drop_last=True) if world > 1 else None
+        if sampler:
+            sampler.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=local_batch, shuffle=sampler is None, sampler=sampler, drop_last=True,
+            num_workers=args.workers, pin_memory=device.type == "cuda", generator=gen,
+            persistent_workers=False, prefetch_factor=4 if args.workers else None)
+        t0, seen = time.time(), 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master, leave=False)
+        for i, (x1, x2, y) in enumerate(bar):
+            step = epoch * steps_per_epoch + i
+            lr = learning_rate(step, total_steps, int(args.warmup_epochs * steps_per_epoch), args.lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            monitor.eta = args.eta_start + (args.eta_end - args.eta_start) * step / max(total_steps - 1, 1)
+            x1, x2, y = (t.to(device, non_blocking=True) for t in (x1, x2, y))
+            with autocast:
+                h, z, p = train_step_model(x1, x2)
+                loss = ssl_loss(args.loss, z, p, monitor, args, world)
+                probe_loss = F.cross_entropy(probe(h[:len(y)].detach().float()), y)
+            if args.loss != "peira":
+                with torch.no_grad():  # the PEIRA monitor sees every loss's embeddings
+                    monitor(*z.detach().float().chunk(2))
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"non-finite loss {loss_value} at step {step} (epoch {epoch + 1}); "
+                                         f"the last good checkpoint, if any, is {ckpt_path}")
+            opt.zero_grad(set_to_none=True)
+            probe_opt.zero_grad(set_to_none=True)
+            (loss + probe_loss).backward()
+            if args.clip > 0 and epoch >= args.clip_from:
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            opt.step()
+            probe_opt.step()
+            seen += 2 * len(x1) * world
+            if master:
+                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{seen / (time.time() - t0):.0f}")
+                with open(os.path.join(args.out, "metrics.jsonl"), "a") as fh:
+                    fh.write(json.dumps({"step": step, "epoch": epoch + 1, "loss": loss_value, "lr": lr, "eta": monitor.eta}) + "\n")
+        epoch_time = time.time() - t0
+
+        # evaluation: kNN on clean images, online probe on the test set, PEIRA diagnostics
+        train_feat = sharded_features(model.backbone, train_x, device, rank, world)
+        test_feat = sharded_features(model.backbone, test_x, device, rank, world)
+        knn = knn_accuracy(train_feat, train_y.to(device), test_feat, test_y.to(device))
+        with torch.no_grad():
+            model.backbone.eval()
+            logits = torch.cat([probe(model.backbone(normalize_clean(test_x[i:i + 512], device)).float())
+                                for i in range(0, len(test_x), 512)])
+            model.backbone.train()
+        probe_acc = (logits.argmax(1).cpu() == test_y).float().mean().item()
+        stats = monitor.stats()
+        std = embedding_spread(z)
+        record = {"epoch": epoch + 1, "knn": knn, "online_probe": probe_acc, "loss": loss_value, "lr": lr,
+                  "img_per_s": seen / epoch_time, "epoch_time": epoch_time, "normalized_std": std, **stats}
+        history.append(record)
+        if world > 1:  # every rank must hold the same running moments
+            spread = monitor.N.clone()
+            dist.all_reduce(spread, op=dist.ReduceOp.MAX)
+            assert torch.equal(spread, monitor.N), "running moments differ across ranks"
+        if master:
+            if std < COLLAPSE_STD:
+                print(f"warning: embeddings collapsing at epoch {epoch + 1}: √k·std of normalised embeddings {std:.3f}")
+            print(f"epoch {epoch + 1}: loss {loss_value:.4f}  kNN {100 * knn:.2f}%  probe {100 * probe_acc:.2f}%  "
+                  f"objective {stats['objective']:.4f}  rank(N) {stats['rank_N']:.1f}  {seen / epoch_time:.0f} img/s")
+            with open(os.path.join(args.out, "metrics.jsonl"), "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            save_checkpoint(ckpt_path, {"model": model.state_dict(), "probe": probe.state_dict(),
+                                        "monitor": monitor.state_dict(), "opt": opt.state_dict(),
+                                        "probe_opt": probe_opt.state_dict(), "epoch": epoch + 1,
+                                        "config": vars(args)})
+    if master and history:
+        finish(args, history)
+    if world > 1:
+        dist.destroy_process_group()
+    return history
+
+
+def embedding_spread(z):
+    """√k times the mean per-dimension std of the L2-normalised embeddings: about 1 when they
+    spread over the sphere, 0 at collapse (SimSiam's monitor)."""
+    zn = F.normalize(z.detach().float(), dim=1)
+    return (zn.std(0).mean() * zn.shape[1] ** 0.5).item()
+
+
+def finish(args, history):
+    """Results table, results.json and the objective-vs-kNN figure."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    last = history[-1]
+    results = {"loss": args.loss, "epochs": last["epoch"], "knn": last["knn"], "online_probe": last["online_probe"],
+               "objective": last["objective"], "img_per_s": float(np.mean([h["img_per_s"] for h in history])),
+               "objective_knn_corr": float(np.corrcoef([h["objective"] for h in history], [h["knn"] for h in history])[0, 1])
+               if len(history) > 2 else None}
+    with open(os.path.join(args.out, "results.json"), "w") as fh:
+        json.dump(results, fh, indent=1)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    sc = ax.scatter([100 * h["knn"] for h in history], [h["objective"] for h in history], c=[h["epoch"] for h in history])
+    fig.colorbar(sc, label="epoch")
+    ax.set(xlabel="kNN accuracy (%)", ylabel=f"PEIRA objective (λ = {args.lam})", title=f"--loss {args.loss}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "objective_vs_knn.png"), dpi=120)
+    plt.close(fig)
+    print(f"\n| loss | epochs | kNN (%) | online probe (%) | PEIRA objective | img/s | corr(objective, kNN) |")
+    print(f"|---|---|---|---|---|---|---|")
+    corr = "—" if results["objective_knn_corr"] is None else f"{results['objective_knn_corr']:.2f}"
+    print(f"| {args.loss} | {results['epochs']} | {100 * results['knn']:.2f} | {100 * results['online_probe']:.2f} | "
+          f"{results['objective']:.4f} | {results['img_per_s']:.0f} | {corr} |")
+
+
+if __name__ == "__main__":
+    main()
