@@ -518,3 +518,78 @@ def test_train_cifar_bad_input(fake_cifar, tmp_path):
         train_cifar.main(cifar_args(fake_cifar, tmp_path / "nan", "--epochs", "1", "--optimizer", "sgd",
                                     "--lr", "1e30", "--clip", "0", "--warmup-epochs", "0"))
     assert not (tmp_path / "nan" / "ckpt.pt").exists()
+
+
+# -----------------------------------------------------------------------------
+# train_imagenet.py on a tiny ImageFolder of generated JPEGs
+
+@pytest.fixture(scope="module")
+def tiny_imagefolder(tmp_path_factory):
+    import torchvision
+    root = tmp_path_factory.mktemp("imagenet")
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for c, colour in enumerate(([200, 40, 40], [40, 40, 200])):
+            folder = root / split / f"n0000000{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                img = (torch.tensor(colour).view(3, 1, 1) + 30 * torch.randn(3, 40, 48, generator=g)).clamp(0, 255)
+                torchvision.io.write_jpeg(img.to(torch.uint8), str(folder / f"{i}.JPEG"))
+    return str(root)
+
+
+def imagenet_args(data, out, *extra):
+    return ["--data", data, "--out", str(out), "--image-size", "32", "--proj", "64-64-32",
+            "--batch-size", "16", "--workers", "0", "--no-bf16", "--warmup-epochs", "1", *extra]
+
+
+def test_train_imagenet_two_ranks_hold_the_moments_of_the_concatenated_batch(tiny_imagefolder, tmp_path):
+    """torchrun, 2 ranks (gloo): after the first step (η = 1) the running moments are the moments
+    of the global batch; recomputed here in one process from the same images, views and weights.
+    The script asserts that both ranks hold identical moments."""
+    import subprocess
+    import sys
+    import train_imagenet as ti
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "train_imagenet.py", *imagenet_args(tiny_imagefolder, tmp_path, "--epochs", "1")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.abspath(__file__)), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    torch.manual_seed(0)
+    model = ti.build_model("64-64-32").to(memory_format=torch.channels_last)  # as in the script
+    dataset = ti.TwoViews(os.path.join(tiny_imagefolder, "train"), 32, seed=0)
+    us, vs = [], []
+    for rank in range(2):  # each rank's 8 images, through the same initial weights (local BN on CPU)
+        sampler = torch.utils.data.distributed.DistributedSampler(dataset, 2, rank, seed=0, drop_last=True)
+        items = [dataset[i] for i in list(sampler)[:8]]
+        x1, x2 = (torch.stack([t[j] for t in items]).contiguous(memory_format=torch.channels_last) for j in (0, 1))
+        _, z = ti.embed(model, x1, x2)
+        us.append(z.chunk(2)[0].detach()); vs.append(z.chunk(2)[1].detach())
+    N, S = peira.moments(torch.cat(us), torch.cat(vs))
+    # float32 ResNet-50 with batch norm over 8 images: agreement to ~1e-4 relative; the moments
+    # of one rank's half alone are off by more than 1e-2, so the check discriminates
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+    assert rel(ckpt["peira"]["N"], N) < 1e-3 and rel(ckpt["peira"]["S"], S) < 1e-3
+    assert rel(peira.moments(us[0], vs[0])[0], N) > 1e-2
+    P, Q = peira.optimal_regressor(ckpt["peira"]["N"], ckpt["peira"]["S"], 0.1)
+    P_ref, Q_ref = peira.optimal_regressor(N, S, 0.1)
+    assert rel(P, P_ref) < 1e-3 and rel(Q, Q_ref) < 1e-3
+
+
+def test_train_imagenet_resume_and_eval(tiny_imagefolder, tmp_path):
+    import train_imagenet as ti
+    common = imagenet_args(tiny_imagefolder, tmp_path / "straight", "--epochs", "2", "--batch-size", "8")
+    ti.main(common)
+    resumed = imagenet_args(tiny_imagefolder, tmp_path / "resumed", "--epochs", "2", "--batch-size", "8")
+    ti.main(resumed + ["--stop-after", "1"])
+    ti.main(resumed)  # the checkpoint in --out is picked up, as after a preemption
+    a = [r for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl") if "step" in r]
+    b = [r for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl") if "step" in r]
+    assert [r["step"] for r in b] == [0, 1, 2, 3] and [r["loss"] for r in a] == [r["loss"] for r in b]
+    res = ti.main(imagenet_args(tiny_imagefolder, tmp_path, "--eval", str(tmp_path / "resumed" / "ckpt.pt"),
+                                "--probe-epochs", "2", "--probe-batch", "8"))
+    assert 0 <= res["top1"] <= res["top5"] <= 1 and res["epoch"] == 2
+    with pytest.raises(SystemExit, match="train not found"):
+        ti.main(imagenet_args(str(tmp_path / "nowhere"), tmp_path))
