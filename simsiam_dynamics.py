@@ -60,7 +60,6 @@ NN_K, NN_LAM = 3, 0.3            # section 4's k and λ: the amplitudes' curvatu
 NN_STEPS, NN_BATCH, NN_LR = 2000, 1024, 3e-3  # Adam with a cosine schedule
 GRAD_REPEATS = 1000              # minibatches per estimate of gradient bias and spread
 BETA = 2.0                       # sharpness of p(x|z) in the latent-mixture distributions
-torch.set_default_dtype(torch.float64)
 
 
 # -----------------------------------------------------------------------------
@@ -573,7 +572,17 @@ def main(argv=None):
     if not args.lam > 0:
         parser.error(f"--lam must be > 0, got {args.lam}")
     os.makedirs(args.out, exist_ok=True)
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    torch.set_default_dtype(torch.float64)  # theory checks to 1e-8 and below need float64
     torch.set_num_threads(1)  # the matrices are tiny: threads only add synchronisation
+    try:
+        return run(args)
+    finally:
+        torch.set_default_dtype(dtype)
+        torch.set_num_threads(threads)
+
+
+def run(args):
     sections = {1: section_linear, 2: section_simsiam, 3: section_peira, 4: section_networks}
     chosen = [args.only] if args.only else [1, 2, 3, 4]
     if args.only == 5:
