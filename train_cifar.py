@@ -583,8 +583,8 @@ def finish(args, history):
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "objective_vs_knn.png"), dpi=120)
     plt.close(fig)
-    print(f"\n| loss | epochs | kNN (%) | online probe (%) | PEIRA objective | img/s | corr(objective, kNN) |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("\n| loss | epochs | kNN (%) | online probe (%) | PEIRA objective | img/s | corr(objective, kNN) |")
+    print("|---|---|---|---|---|---|---|")
     corr = "—" if results["objective_knn_corr"] is None else f"{results['objective_knn_corr']:.2f}"
     print(f"| {args.loss} | {results['epochs']} | {100 * results['knn']:.2f} | {100 * results['online_probe']:.2f} | "
           f"{results['objective']:.4f} | {results['img_per_s']:.0f} | {corr} |")
