@@ -30,9 +30,9 @@ parser.add_argument("--out", default="out/plan")
 parser.add_argument("--episodes", type=int, default=100)
 parser.add_argument("--seed", type=int, default=1000, help="start/goal pairs (training used 0; tune on 500)")
 parser.add_argument("--horizon", type=int, default=16, help="planning horizon (actions)")
-parser.add_argument("--samples", type=int, default=256, help="CEM sequences per iteration")
-parser.add_argument("--elites", type=int, default=32)
-parser.add_argument("--iters", type=int, default=3)
+parser.add_argument("--samples", type=int, default=128, help="CEM sequences per iteration")
+parser.add_argument("--elites", type=int, default=16)
+parser.add_argument("--iters", type=int, default=2)
 
 
 def cem(cost_fn, episodes, args, gen):
@@ -47,7 +47,7 @@ def cem(cost_fn, episodes, args, gen):
     return elite[:, 0, 0]
 
 
-def latent_cost(model, pos, goal_z, res):
+def latent_cost(model, pos, goal_z, res):  # goal_z: (E, D), one row per planned episode
     """Running cost of action sequences in the model: Σ_t ‖ẑ_t − z_goal‖²."""
     with torch.no_grad():
         z0 = model.encode(tr.render(pos, res))
@@ -64,7 +64,7 @@ def planner(model, goals, args, gen):
     """A policy that plans with the model towards the goal images' embeddings."""
     with torch.no_grad():
         goal_z = model.encode(tr.render(goals, model.res))
-    return lambda pos, active: cem(latent_cost(model, pos, goal_z, model.res), len(pos), args, gen)
+    return lambda pos, episodes: cem(latent_cost(model, pos, goal_z[episodes], model.res), len(pos), args, gen)
 
 
 LATTICE = 32  # an episode's positions are start + STEP·(i, j), |i|, |j| ≤ LATTICE covers the arena
@@ -96,44 +96,47 @@ class DistanceField:
         out[:, max(-dx, 0):D.shape[1] + min(-dx, 0), max(-dy, 0):D.shape[2] + min(-dy, 0)] = src
         return out
 
-    def __call__(self, pos):
-        """Steps to go from positions (E, ..., 2) of each episode."""
-        ij = ((pos - self.starts.view(-1, *[1] * (pos.dim() - 2), 2)) / tr.STEP).round().long() + LATTICE
-        e = torch.arange(len(pos)).view(-1, *[1] * (pos.dim() - 2)).expand(ij.shape[:-1])
+    def __call__(self, pos, episodes):
+        """Steps to go from positions (E, ..., 2) of the given episodes (E,)."""
+        extra = [1] * (pos.dim() - 2)
+        ij = ((pos - self.starts[episodes].view(-1, *extra, 2)) / tr.STEP).round().long() + LATTICE
+        e = episodes.view(-1, *extra).expand(ij.shape[:-1])
         return self.D[e, ij[..., 0].clamp(0, 2 * LATTICE), ij[..., 1].clamp(0, 2 * LATTICE)]
 
 
-def true_cost(field, pos):
+def true_cost(field, pos, episodes):
     """The planner's cost with the true dynamics: Σ_t steps-to-go (the oracle's model)."""
     def cost(seq):
         p, total = pos[:, None].expand(-1, seq.shape[1], -1), 0
         for t in range(seq.shape[2]):
             p = tr.move(p, seq[:, :, t])
-            total = total + field(p).clamp(max=10 * tr.MAX_STEPS)
+            total = total + field(p, episodes).clamp(max=10 * tr.MAX_STEPS)
         return total
     return cost
 
 
-def oracle_action(field, pos):
+def oracle_action(field, pos, episodes):
     """Shortest-path oracle: the move with the fewest steps to go."""
     cand = tr.move(pos[:, None], torch.arange(4)[None].expand(len(pos), -1))
-    return field(cand).argmin(1)
+    return field(cand, episodes).argmin(1)
 
 
 def run_episodes(policy, starts, goals):
-    """All episodes in one batch; policy(pos, active) → actions. Returns success, steps, paths."""
+    """All episodes in one batch; policy(positions, episode indices) → actions, called for the
+    episodes still running. Returns success, steps, paths and seconds of policy per step."""
     pos, done = starts.clone(), torch.zeros(len(starts), dtype=torch.bool)
     steps = torch.full((len(starts),), tr.MAX_STEPS)
     paths, seconds = [pos.clone()], 0.0
     for t in range(tr.MAX_STEPS):
-        active = ~done
-        if not active.any():
+        active = (~done).nonzero().flatten()
+        if not len(active):
             break
         t0 = time.time()
-        actions = policy(pos, active)
+        actions = policy(pos[active], active)
         seconds += time.time() - t0
-        pos = torch.where(active[:, None], tr.move(pos, actions), pos)
-        reached = active & ((pos - goals).norm(dim=1) < tr.SUCCESS_DIST)
+        pos = pos.clone()
+        pos[active] = tr.move(pos[active], actions)
+        reached = ~done & ((pos - goals).norm(dim=1) < tr.SUCCESS_DIST)
         steps[reached] = t + 1
         done |= reached
         paths.append(pos.clone())
@@ -166,14 +169,15 @@ def figure(paths, starts, goals, out, res=64):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(paths), figsize=(3.2 * len(paths), 3.4))
+    fig, axes = plt.subplots(1, len(paths), figsize=(3.2 * len(paths), 3.7))
     for ax, (name, p) in zip(axes, paths.items()):
         ax.imshow(tr.wall_image(res), cmap="Greys", extent=(0, tr.ARENA, tr.ARENA, 0))
         for e in range(min(4, len(starts))):
             ax.plot(p[e, :, 0], p[e, :, 1], lw=1.2, color=f"C{e}")
             ax.plot(*starts[e], "o", color=f"C{e}", ms=5)
             ax.plot(*goals[e], "*", color=f"C{e}", ms=10)
-        ax.set(title=name, xticks=[], yticks=[])
+        ax.set_title(name, fontsize=10)
+        ax.set(xticks=[], yticks=[])
     fig.tight_layout()
     fig.savefig(os.path.join(out, "trajectories.png"), dpi=110)
     plt.close(fig)
@@ -188,8 +192,8 @@ def main(argv=None):
     starts, goals = tr.start_goal_pairs(args.episodes, args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     field = DistanceField(starts, goals)
-    policies = {"oracle (shortest path)": lambda pos, active: oracle_action(field, pos),
-                "random": lambda pos, active: torch.randint(0, 4, (len(pos),), generator=gen)}
+    policies = {"oracle (shortest path)": lambda pos, episodes: oracle_action(field, pos, episodes),
+                "random": lambda pos, episodes: torch.randint(0, 4, (len(pos),), generator=gen)}
     for name, model in models.items():
         policies[f"{name} + CEM"] = planner(model, goals, args, gen)
     rows, paths = [], {}

@@ -673,10 +673,10 @@ def test_planning_with_the_true_model_reaches_every_goal():
     field = plan.DistanceField(starts, goals)
     args = argparse.Namespace(horizon=8, samples=64, elites=8, iters=2)
     gen = torch.Generator().manual_seed(0)
-    success, steps, _, _ = plan.run_episodes(lambda pos, active: plan.cem(plan.true_cost(field, pos), len(pos), args, gen), starts, goals)
+    success, steps, _, _ = plan.run_episodes(lambda pos, ep: plan.cem(plan.true_cost(field, pos, ep), len(pos), args, gen), starts, goals)
     assert success.all()
-    oracle_success, oracle_steps, _, _ = plan.run_episodes(lambda pos, active: plan.oracle_action(field, pos), starts, goals)
-    assert oracle_success.all() and torch.equal(oracle_steps.float(), field(starts[:, None])[:, 0])
+    oracle_success, oracle_steps, _, _ = plan.run_episodes(lambda pos, ep: plan.oracle_action(field, pos, ep), starts, goals)
+    assert oracle_success.all() and torch.equal(oracle_steps.float(), field(starts[:, None], torch.arange(6))[:, 0])
     assert (steps >= oracle_steps).all()  # nothing beats the shortest path
 
 

@@ -253,7 +253,7 @@ def world_model_loss(name, model, obs, actions, peira_loss, idm, gen):
     target = z[:, 1:]
     if name == "peira":
         loss = peira_loss(pred.reshape(-1, model.latent), target.reshape(-1, model.latent))
-        return loss, {"peira_aux": loss.item()}
+        return loss, {"objective": peira_loss.objective()}  # the aux loss's value means little
     mse = F.mse_loss(pred, target)
     if name == "lewm":
         reg = torch.stack([sigreg(z[:, t], gen) for t in range(z.shape[1])]).mean()
@@ -328,8 +328,9 @@ def figure(name, model, history, args, device):
     z = z - z.mean(0)
     pc = z @ torch.linalg.svd(z, full_matrices=False).Vh[:2].T
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.8))
-    ax[0].plot([h["step"] for h in history], [h["loss"] for h in history])
-    ax[0].set(xlabel="step", ylabel="loss", title=f"{name}: training loss")
+    key = "objective" if name == "peira" else "loss"
+    ax[0].plot([h["step"] for h in history], [h[key] for h in history])
+    ax[0].set(xlabel="step", ylabel=key, title=f"{name}: training {key}")
     for k, (coord, label) in enumerate(((grid[:, 0], "x (wall at 32)"), (grid[:, 1], "y (door at 10)"))):
         sc = ax[k + 1].scatter(pc[:, 0], pc[:, 1], c=coord, s=6, cmap="coolwarm" if k == 0 else "viridis")
         fig.colorbar(sc, ax=ax[k + 1], label=label)
