@@ -317,11 +317,9 @@ def learning_rate(step, total, warmup, peak):
 
 @torch.no_grad()
 def features(backbone, images, device, batch=512):
-    """L2-normalised backbone features of clean (un-augmented) images, gathered from all ranks
-    when images are sharded (each rank holds images[rank::world])."""
+    """Backbone features of clean (un-augmented) images, in eval mode."""
     backbone.eval()
-    out = [F.normalize(backbone(normalize_clean(images[i:i + batch], device)).float(), dim=1)
-           for i in range(0, len(images), batch)]
+    out = [backbone(normalize_clean(images[i:i + batch], device)).float() for i in range(0, len(images), batch)]
     backbone.train()
     return torch.cat(out)
 
@@ -392,8 +390,8 @@ def evaluate_checkpoint(args, device):
     model = SSLModel(cfg["loss"], cfg["width"], [int(d) for d in cfg["proj"].split("-")]).to(device)
     model.load_state_dict(ckpt["model"])
     train_x, train_y, test_x, test_y = load_splits(args.data, cfg["subset"])
-    ftr = features(model.backbone, train_x, device)
-    fte = features(model.backbone, test_x, device)
+    ftr = F.normalize(features(model.backbone, train_x, device), dim=1)
+    fte = F.normalize(features(model.backbone, test_x, device), dim=1)
     top1, top5 = linear_probe(ftr, train_y.to(device), fte, test_y.to(device), args.probe_epochs, args.seed)
     knn = knn_accuracy(ftr, train_y.to(device), fte, test_y.to(device))
     print(f"{args.eval} (epoch {ckpt['epoch']}): linear probe top-1 {100 * top1:.2f}%, top-5 {100 * top5:.2f}%, "
@@ -523,13 +521,9 @@ def main(argv=None):
         # evaluation: kNN on clean images, online probe on the test set, PEIRA diagnostics
         train_feat = sharded_features(model.backbone, train_x, device, rank, world)
         test_feat = sharded_features(model.backbone, test_x, device, rank, world)
-        knn = knn_accuracy(train_feat, train_y.to(device), test_feat, test_y.to(device))
-        with torch.no_grad():
-            model.backbone.eval()
-            logits = torch.cat([probe(model.backbone(normalize_clean(test_x[i:i + 512], device)).float())
-                                for i in range(0, len(test_x), 512)])
-            model.backbone.train()
-        probe_acc = (logits.argmax(1).cpu() == test_y).float().mean().item()
+        knn = knn_accuracy(F.normalize(train_feat, dim=1), train_y.to(device), F.normalize(test_feat, dim=1), test_y.to(device))
+        with torch.no_grad():  # the online probe on the same clean test features
+            probe_acc = (probe(test_feat).argmax(1).cpu() == test_y).float().mean().item()
         stats = monitor.stats()
         std = embedding_spread(z)
         record = {"epoch": epoch + 1, "knn": knn, "online_probe": probe_acc, "loss": loss_value, "lr": lr,
