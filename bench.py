@@ -22,7 +22,8 @@ parser.add_argument("--width", type=int, default=32, help="ResNet-18 base width 
 parser.add_argument("--proj", default="2048-2048-1024", help="projector widths, last = k")
 parser.add_argument("--steps", type=int, default=7, help="timed steps per loss (the median is reported)")
 parser.add_argument("--warmup", type=int, default=2, help="untimed steps per loss (compilation, caches)")
-parser.add_argument("--losses", default="peira,peira_direct,simsiam,vicreg")
+LOSSES = ("peira", "peira_direct", "simsiam", "vicreg")
+parser.add_argument("--losses", default=",".join(LOSSES), help="comma-separated, from " + ", ".join(LOSSES))
 parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
 
@@ -86,19 +87,25 @@ def bench_loss(name, args, device):
             "loss_ms": 1e3 * loss_s, "loss_share": loss_s / step_s, "peak_gib": peak}
 
 
-def main():
-    args = parser.parse_args()
+def main(argv=None):
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.losses.split(",") if name not in LOSSES]
+    if unknown:
+        parser.error(f"--losses: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(LOSSES)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; ResNet-18 width {args.width}, batch {args.batch_size}, "
-          f"projector {args.proj}, bf16 {args.bf16}, compile {args.compile}")
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"device {gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads; ResNet-18 width "
+          f"{args.width}, batch {args.batch_size}, projector {args.proj}, bf16 {args.bf16}, "
+          f"compile {args.compile}")
     rows = [bench_loss(name, args, device) for name in args.losses.split(",")]
     ref = next((r for r in rows if r["loss"] == "simsiam"), rows[0])
-    print("\n| loss | img/s | step (ms) | loss fwd+bwd (ms) | loss share | peak mem (GiB) | step vs " + ref["loss"] + " |")
+    print("\n| loss | img/s | step (ms) | loss fwd+bwd (ms) | loss share | peak mem (GiB) | step vs "
+          + ref["loss"] + " |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['loss']} | {r['img_per_s']:.0f} | {r['step_ms']:.1f} | {r['loss_ms']:.2f} | "
-              f"{100 * r['loss_share']:.1f}% | {r['peak_gib']:.2f} | {100 * (r['step_ms'] / ref['step_ms'] - 1):+.1f}% |")
+              f"{100 * r['loss_share']:.1f}% | {r['peak_gib']:.2f} | "
+              f"{100 * (r['step_ms'] / ref['step_ms'] - 1):+.1f}% |")
 
 
 if __name__ == "__main__":

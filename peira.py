@@ -29,6 +29,7 @@ with P, Q formed from running moments, all-reduced across ranks under data paral
     >>> sorted(loss_fn.stats())
     ['alignment', 'embedding_std', 'eta', 'objective', 'rank_N', 'trace_P']
 """
+import contextlib
 import math
 
 import torch
@@ -64,7 +65,10 @@ def _compute_dtype(x):
 
 
 def _no_autocast(x):
-    return torch.autocast(device_type=x.device.type, enabled=False)
+    try:
+        return torch.autocast(device_type=x.device.type, enabled=False)
+    except RuntimeError:  # a device without autocast (e.g. meta) needs no guard
+        return contextlib.nullcontext()
 
 
 # -----------------------------------------------------------------------------
@@ -324,8 +328,8 @@ def linear_cca(x, y, k=None, eps=0.0):
     x, y = x.to(dtype), y.to(dtype)
     x, y = x - x.mean(0), y - y.mean(0)
     n = x.shape[0]
-    Lx = torch.linalg.cholesky(x.T @ x / n + eps * torch.eye(x.shape[1], dtype=dtype))
-    Ly = torch.linalg.cholesky(y.T @ y / n + eps * torch.eye(y.shape[1], dtype=dtype))
+    Lx = torch.linalg.cholesky(x.T @ x / n + eps * torch.eye(x.shape[1], dtype=dtype, device=x.device))
+    Ly = torch.linalg.cholesky(y.T @ y / n + eps * torch.eye(y.shape[1], dtype=dtype, device=y.device))
     # whitened cross-covariance Lx⁻¹ Cxy Ly⁻ᵀ
     W = torch.linalg.solve_triangular(Lx, x.T @ y / n, upper=False)
     W = torch.linalg.solve_triangular(Ly, W.T, upper=False).T

@@ -396,6 +396,43 @@ def test_bad_input_raises_clear_errors():
         peira.nonlinear_cca(torch.tensor([[0.5, 0.0], [0.5, 0.0]], dtype=F64))
 
 
+def test_every_tensor_follows_the_inputs_device_and_dtype():
+    """On the meta device a tensor created on the CPU fails the first operation it meets, so
+    this finds every torch.eye / zeros / tensor that ignores the inputs' device (CUDA inputs
+    fail the same way). Functions that read values (.item()) cannot run on meta."""
+    meta = torch.device("meta")
+    for dtype in (torch.float32, F64):
+        u, v = torch.randn(16, 4, device=meta, dtype=dtype), torch.randn(16, 4, device=meta, dtype=dtype)
+        N, S = peira.moments(u, v, center=True)
+        P, Q = peira.optimal_regressor(N, S, 0.1)
+        outs = [N, S, P, Q, peira.peira_objective(u, v, 0.1), peira.aux_loss(u, v, P, Q, 0.1)]
+        outs += list(peira.linear_cca(u, torch.randn(16, 3, device=meta, dtype=dtype), eps=1e-3))
+        outs += [peira.peira_filter(u[:, 0], 0.1), peira.simsiam_filter(u[:, 0], 0.1)]
+        for out in outs:
+            assert out.device == meta and out.dtype == dtype, (out.device, out.dtype)
+
+
+# -----------------------------------------------------------------------------
+# bench.py and requirements.txt
+
+def test_bench_rejects_an_unknown_loss(capsys):
+    import bench
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--losses", "peira,simclr"])
+    assert exc.value.code == 2 and "unknown 'simclr'" in capsys.readouterr().err
+
+
+def test_requirements_lower_bounds_cover_the_apis_used():
+    """torchvision.io.decode_image(path) (train_imagenet.read_rgb) exists from torchvision 0.20,
+    which needs torch 2.5: the lower bounds must not promise older versions."""
+    import re
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "requirements.txt")) as fh:
+        bounds = dict(re.findall(r"^([a-z]+)>=([0-9.]+)", fh.read(), re.M))
+    version = lambda text: tuple(int(x) for x in text.split(".")[:2])  # noqa: E731
+    assert version(bounds["torchvision"]) >= (0, 20) and version(bounds["torch"]) >= (2, 5), bounds
+
+
 # -----------------------------------------------------------------------------
 # simsiam_dynamics.py, reduced
 
