@@ -52,27 +52,24 @@ def bench_loss(name, args, device):
     fwd = torch.compile(model) if args.compile else model
     opt = tc.LARS(model.parameters(), lr=1e-3, weight_decay=1e-4)
     loss_fn = peira.PEIRALoss(proj[-1], lam=0.7, eta=0.5).to(device)
-    cfg = argparse.Namespace(lam=0.7)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
     x1, x2 = (torch.randn(args.batch_size, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
               for _ in range(2))
 
     def train_step():
         with autocast:
-            _, z, p = fwd(x1, x2)
-            loss = tc.ssl_loss(name, z, p, loss_fn, cfg, 1)
+            _, z1, z2, p1, p2 = fwd(x1, x2)
+            loss = tc.ssl_loss(name, z1, z2, p1, p2, loss_fn, 0.7, 1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     with autocast:  # embeddings of this batch, for timing the loss alone
-        _, z, p = model(x1, x2)
-    z = z.detach().requires_grad_()
-    p = p.detach().requires_grad_() if p is not None else None
+        outs = [t.detach().requires_grad_() if t is not None else None for t in model(x1, x2)[1:]]
 
     def loss_step():
         with autocast:
-            loss = tc.ssl_loss(name, z, p, loss_fn, cfg, 1)
+            loss = tc.ssl_loss(name, *outs, loss_fn, 0.7, 1)
         loss.backward()
 
     for _ in range(args.warmup):

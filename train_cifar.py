@@ -1,18 +1,20 @@
 """Self-supervised learning on CIFAR-10 with PEIRA (and the baselines it is compared with).
 
     python train_cifar.py                                  # PEIRA, preprint recipe (1000 epochs, GPU)
-    python train_cifar.py --loss vicreg --epochs 200       # a baseline, same data/model/budget
+    python train_cifar.py --loss vicreg --epochs 200       # a baseline, same data and model
     torchrun --standalone --nproc_per_node=4 train_cifar.py  # several GPUs (DDP, SyncBatchNorm)
     python train_cifar.py --tiny                           # CPU smoke run, about a minute
     python train_cifar.py --resume                         # continue exactly from --out/ckpt.pt
     python train_cifar.py --eval out/cifar/ckpt.pt         # offline linear probe of a checkpoint
 
 Losses (--loss): peira (running moments, η annealed, the preprint's Algorithm 1), peira_direct
-(P, Q from the minibatch, back-propagated through the inverse: the "bad" algorithm), simsiam
-(predictor + stop-gradient), vicreg (25 / 25 / 1, global-batch statistics). Every epoch: kNN
-accuracy (cosine, k 200, T 0.1, clean train images as memory bank), online linear probe, the
-PEIRA objective and diagnostics of the embeddings (for every loss), a checkpoint.
-Writes into --out: config.json, metrics.jsonl, ckpt.pt, results.json, objective_vs_knn.png.
+(P, Q from the global minibatch, back-propagated through the inverse: the "bad" algorithm), simsiam
+(predictor + stop-gradient, SimSiam's own CIFAR recipe), vicreg (25 / 25 / 1, global-batch
+statistics). Each loss runs the recipe in RECIPES unless flags override it (README). Every epoch:
+kNN accuracy (cosine, k 200, T 0.1, clean train images as memory bank), online linear probe, the
+PEIRA objective and diagnostics of the embeddings (for every loss), a checkpoint (the previous one
+is kept as ckpt.pt.prev). Writes into --out: config.json, metrics.jsonl, ckpt.pt, results.json,
+objective_vs_knn.png; results and figure cover the whole run, across resumes.
 """
 import argparse
 import json
@@ -36,58 +38,63 @@ from tqdm import tqdm
 import peira
 
 # -----------------------------------------------------------------------------
-# hyperparameters (defaults: the preprint's CIFAR-10 recipe)
+# hyperparameters: per-loss recipes, flags override them
 
-parser = argparse.ArgumentParser(description="PEIRA on CIFAR-10", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-parser.add_argument("--data", default="./data", help="folder holding cifar-10-batches-py (downloaded if missing)")
+parser = argparse.ArgumentParser(description="PEIRA on CIFAR-10",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+RECIPE = "default: the --loss recipe"
+parser.add_argument("--data", default="./data",
+                    help="folder holding cifar-10-batches-py (downloaded if missing)")
 parser.add_argument("--out", default="out/cifar", help="output folder: config, metrics, checkpoint, figure")
 parser.add_argument("--loss", default="peira", choices=["peira", "peira_direct", "simsiam", "vicreg"])
 parser.add_argument("--epochs", type=int, default=1000)
-parser.add_argument("--batch-size", type=int, default=256, help="global batch (split across ranks)")
-parser.add_argument("--optimizer", default="lars", choices=["lars", "sgd"])
-parser.add_argument("--lr", type=float, default=0.04, help="peak learning rate for the global batch")
-parser.add_argument("--wd", type=float, default=1e-4, help="weight decay (not on biases and norms)")
-parser.add_argument("--warmup-epochs", type=float, default=10)
-parser.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
-parser.add_argument("--clip-from", type=int, default=4, help="first epoch with clipping")
+parser.add_argument("--batch-size", type=int, help="global batch (split across ranks); " + RECIPE)
+parser.add_argument("--optimizer", choices=["lars", "sgd"], help=RECIPE)
+parser.add_argument("--lr", type=float, help="peak learning rate for the global batch; " + RECIPE)
+parser.add_argument("--wd", type=float, help="weight decay (not on biases and norms); " + RECIPE)
+parser.add_argument("--warmup-epochs", type=float, help=RECIPE)
+parser.add_argument("--clip", type=float, help="gradient-norm clipping (0: off); " + RECIPE)
+parser.add_argument("--clip-from", type=int, help="first epoch with clipping; " + RECIPE)
 parser.add_argument("--lam", type=float, default=0.7, help="PEIRA λ (also used by the monitor)")
 parser.add_argument("--eta-start", type=float, default=0.8, help="running-moment weight η at step 0")
 parser.add_argument("--eta-end", type=float, default=0.5, help="η at the last step (linear anneal)")
-parser.add_argument("--proj", default="2048-2048-1024", help="projector widths, last = embedding dim k")
+parser.add_argument("--proj", help="projector widths, last = embedding dim k; " + RECIPE)
 parser.add_argument("--width", type=int, default=64, help="ResNet-18 base width")
-parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading workers per rank")
+parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                    help="data-loading workers per rank")
 parser.add_argument("--subset", type=int, default=0, help="use the first N train / N//2 test images (0: all)")
 parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
                     help="bf16 autocast (moments and solves stay in float32)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
-parser.add_argument("--tiny", action="store_true", help="CPU preset: width 16, proj 128-128-64, 1024 images, 3 epochs")
-parser.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
-parser.add_argument("--stop-after", type=int, default=0, help="exit after this many epochs of this run (for time-limited jobs; 0: run to --epochs)")
+parser.add_argument("--tiny", action="store_true",
+                    help="CPU preset: width 16, proj 128-128-64, 1024 images, 3 epochs")
+parser.add_argument("--resume", action="store_true",
+                    help="continue from --out/ckpt.pt (its configuration must match, see --allow-change)")
+parser.add_argument("--allow-change", default="", metavar="KEYS",
+                    help="comma-separated settings that may differ from the checkpoint's on --resume, "
+                         "e.g. epochs (the change is logged)")
+parser.add_argument("--stop-after", type=int, default=0,
+                    help="exit after this many epochs of this run (time-limited jobs; 0: run to --epochs)")
 parser.add_argument("--eval", metavar="CKPT", help="offline linear probe of a checkpoint, then exit")
 parser.add_argument("--probe-epochs", type=int, default=100, help="offline linear probe epochs (--eval)")
 parser.add_argument("--seed", type=int, default=0)
 
+PEIRA_RECIPE = dict(batch_size=256, optimizer="lars", lr=0.04, wd=1e-4, warmup_epochs=10, clip=1.0,
+                    clip_from=4, proj="2048-2048-1024")  # the preprint's CIFAR-10 recipe
+RECIPES = {
+    "peira": PEIRA_RECIPE, "peira_direct": PEIRA_RECIPE, "vicreg": PEIRA_RECIPE,
+    # SimSiam's CIFAR recipe (Chen & He, CVPR 2021, appendix D): SGD momentum 0.9,
+    # lr 0.03 · batch / 256, wd 5e-4, batch 512, cosine decay (no warmup, no clipping), a 2-layer
+    # 2048-d projector with BN on its output; the predictor is 2048-512-2048 (k-k/4-k)
+    "simsiam": dict(batch_size=512, optimizer="sgd", lr_per_256=0.03, wd=5e-4, warmup_epochs=0,
+                    clip=0.0, clip_from=0, proj="2048-2048"),
+}
 TINY = dict(width=16, proj="128-128-64", subset=1024, epochs=3, batch_size=128, warmup_epochs=1,
             lr=0.3, workers=2, clip_from=0)
 KNN_K, KNN_T = 200, 0.1          # kNN monitor (InstDisc / solo-learn)
 COLLAPSE_STD = 0.1               # warn when √k · std of the normalised embeddings falls below this
 VICREG_COEFFS = (25.0, 25.0, 1.0)  # invariance, variance, covariance (official VICReg)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-
-# -----------------------------------------------------------------------------
-# distributed set-up (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)
-
-
-def setup_distributed():
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl")
-        return rank, world, torch.device("cuda", local)
-    dist.init_process_group("gloo")
-    return rank, world, torch.device("cpu")
 
 
 def all_gather_cat(x, world):
@@ -98,23 +105,308 @@ def all_gather_cat(x, world):
     return torch.cat(out)
 
 
+# =============================================================================
+# shared by train_cifar.py and train_imagenet.py: the two copies are identical (tested)
+
+def setup_distributed():
+    """(rank, world size, device); torchrun sets RANK, LOCAL_RANK and WORLD_SIZE."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, local, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        return rank, world, torch.device("cuda", local)
+    dist.init_process_group("gloo")
+    return rank, world, torch.device("cpu")
+
+
+def gather_with_grad(z, world):
+    """The global batch (rows ordered by rank). Backward hands each rank the gradient of its rows
+    summed over the ranks; as every rank computes the same global term, DDP's average of the
+    parameter gradients is then the gradient of the global batch."""
+    return torch.cat(all_gather_with_grad(z.contiguous())) if world > 1 else z
+
+
+def vicreg_loss(z1, z2, world):
+    """VICReg (Bardes, Ponce & LeCun, ICLR 2022), coefficients 25 / 25 / 1: invariance on the
+    local batch (DDP averages it), variance and covariance on the global batch."""
+    z1, z2 = z1.float(), z2.float()
+    inv = F.mse_loss(z1, z2)
+    z1, z2 = gather_with_grad(z1, world), gather_with_grad(z2, world)
+    n, d = z1.shape
+    var = cov = 0
+    for zz in (z1, z2):
+        zz = zz - zz.mean(0)
+        var = var + F.relu(1 - torch.sqrt(zz.var(0) + 1e-4)).mean() / 2
+        c = zz.T @ zz / (n - 1)
+        cov = cov + (c.square().sum() - c.diagonal().square().sum()) / d
+    a, b, g = VICREG_COEFFS
+    return a * inv + b * var + g * cov
+
+
+def simsiam_loss(z1, z2, p1, p2):
+    """SimSiam (Chen & He, CVPR 2021): symmetric negative cosine, stop-gradient on the targets."""
+    return -0.5 * (F.cosine_similarity(p1, z2.detach()).mean() + F.cosine_similarity(p2, z1.detach()).mean())
+
+
+def peira_direct_loss(z1, z2, lam, world):
+    """PEIRA's exact objective on the moments of the global batch, back-propagated through the
+    inverse (the "direct" algorithm): the same value, hence the same bias, on any number of GPUs."""
+    return peira.peira_objective(gather_with_grad(z1, world), gather_with_grad(z2, world), lam)
+
+
+def ssl_loss(name, z1, z2, p1, p2, peira_loss, lam, world):
+    if name == "peira":
+        return peira_loss(z1, z2)  # running moments, all-reduced inside
+    if name == "peira_direct":
+        return peira_direct_loss(z1, z2, lam, world)
+    if name == "simsiam":
+        return simsiam_loss(z1, z2, p1, p2)
+    return vicreg_loss(z1, z2, world)
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust ratio; parameters with ndim ≤ 1 (biases, norms)
+    get neither weight decay nor the trust ratio."""
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, trust=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust=trust))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:
+                    d = d.add(p, alpha=g["weight_decay"])
+                    pn, dn = p.norm(), d.norm()
+                    d = d.mul(torch.where((pn > 0) & (dn > 0), g["trust"] * pn / dn, 1.0))
+                buf = self.state[p].setdefault("mu", torch.zeros_like(p))
+                buf.mul_(g["momentum"]).add_(d)
+                p.add_(buf, alpha=-g["lr"])
+
+
+def learning_rate(step, total, warmup, peak, floor=0.0):
+    """Linear warmup, then cosine from peak to floor: a function of the step, so resume is exact."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+def average_gradients(module, world):
+    """Mean of a module's gradients over the ranks: the online probe lives outside DDP."""
+    if world > 1:
+        for p in module.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+
+
+def train_step(forward, ddp, model, probe, peira_loss, opts, batch, loss_name, lam, eta, accum, clip,
+               world, autocast):
+    """Forward and backward of one optimiser step, then the step; returns the loss value.
+
+    forward(x1, x2) -> (h1, z1, z2, p1, p2), each view goes through the network in its own
+    forward (batch-norm statistics per view). With accum > 1 the images j, j + a, j + 2a, ...
+    form micro-batch j. SimSiam's loss is a mean over images: accumulation is exact. VICReg and
+    peira_direct depend on batch statistics: a pass without gradient gives the embeddings of the
+    whole batch and the gradient G of its loss, then each micro-batch back-propagates its rows of
+    G (exact; one extra forward; batch-norm buffers restored after the first pass). PEIRA: each
+    micro-batch is a PEIRA step with η_micro = 1 − (1 − η)^(1/a), so the running moments decay
+    over the optimiser step as with the whole batch (an approximation: P, Q change between
+    micro-batches). The PEIRA monitor sees every loss's embeddings. Returns the loss value and
+    the last micro-batch's embeddings of view 1 (detached)."""
+    x1, x2, y = batch
+    opt, probe_opt = opts
+    opt.zero_grad(set_to_none=True)
+    probe_opt.zero_grad(set_to_none=True)
+    parts = [slice(j, None, accum) for j in range(accum)]
+    eta_micro = eta if accum == 1 else 1 - (1 - eta) ** (1 / accum)
+    total = 0.0
+    two_pass = accum > 1 and loss_name in ("vicreg", "peira_direct")
+    if two_pass:
+        buffers = [b.clone() for b in model.buffers()]
+        with torch.no_grad(), autocast:
+            outs = [forward(x1[s], x2[s]) for s in parts]
+        for b, saved in zip(model.buffers(), buffers):
+            b.copy_(saved)
+        z1 = torch.cat([o[1] for o in outs]).float().requires_grad_()
+        z2 = torch.cat([o[2] for o in outs]).float().requires_grad_()
+        loss = ssl_loss(loss_name, z1, z2, None, None, peira_loss, lam, world)
+        g1, g2 = (g.split([len(o[1]) for o in outs]) for g in torch.autograd.grad(loss, (z1, z2)))
+        peira_loss.eta = eta
+        with torch.no_grad():
+            peira_loss(z1.detach(), z2.detach())
+        total = loss.detach()
+    for j, s in enumerate(parts):
+        sync = ddp.no_sync() if ddp is not None and j < accum - 1 else nullcontext()
+        with sync, autocast:
+            h1, z1, z2, p1, p2 = forward(x1[s], x2[s])
+            probe_loss = F.cross_entropy(probe(h1.detach().float()), y[s])
+            if two_pass:  # the gradient of the whole batch's loss w.r.t. these rows
+                loss = (g1[j] * z1.float()).sum() + (g2[j] * z2.float()).sum()
+            else:
+                peira_loss.eta = eta_micro
+                loss = ssl_loss(loss_name, z1, z2, p1, p2, peira_loss, lam, world)
+                total = total + loss.detach() / accum
+                if loss_name != "peira":
+                    with torch.no_grad():
+                        peira_loss(z1.detach().float(), z2.detach().float())
+        (loss * (1.0 if two_pass else 1.0 / accum) + probe_loss / accum).backward()
+    loss_value, z1 = float(total), z1.detach()
+    if not math.isfinite(loss_value):
+        return loss_value, z1  # nothing is updated; the caller stops with the checkpoint's name
+    average_gradients(probe, world)
+    if clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    probe_opt.step()
+    return loss_value, z1
+
+
+def check_replicas(tensors, world, what):
+    """Stop when the ranks hold different values (a missing gradient all-reduce shows here):
+    per tensor, the float64 sum and sum of squares must agree exactly across ranks."""
+    if world == 1:
+        return
+    sums = torch.stack([torch.stack([t.detach().double().sum(), t.detach().double().square().sum()])
+                        for t in tensors])
+    lo, hi = sums.clone(), sums.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if not torch.equal(lo, hi):
+        differ = int((lo != hi).any(1).sum())
+        raise RuntimeError(f"{what} differ across ranks ({differ} of {len(sums)} tensors)")
+
+
+# the settings that do not change a run: everything else must match the checkpoint's to resume
+NOT_RUN_KEYS = {"data", "out", "workers", "resume", "stop_after", "eval", "probe_epochs", "probe_lr",
+                "probe_batch", "compile", "allow_change", "tiny"}
+CHECKPOINT_KEYS = ("model", "probe", "peira", "opt", "probe_opt", "epoch", "config")
+
+
+def check_resume(saved, now, allowed):
+    """Compare the checkpoint's configuration with this run's. A key that changes the run (loss,
+    epochs, batch size, projector, world size, ...) must match unless named in --allow-change;
+    returns the allowed changes as lines for the log."""
+    keys = sorted((set(saved) | set(now)) - NOT_RUN_KEYS)
+    diff = {k: (saved.get(k, "absent"), now.get(k, "absent")) for k in keys if saved.get(k) != now.get(k)}
+    refused = [k for k in diff if k not in allowed]
+    if refused:
+        sys.exit("cannot resume: the checkpoint's run differs in\n"
+                 + "\n".join(f"  {k}: checkpoint {diff[k][0]!r}, now {diff[k][1]!r}" for k in refused)
+                 + "\nrepeat the checkpoint's settings, or allow a deliberate change with --allow-change "
+                 + ",".join(refused))
+    return [f"{k} changed from {a!r} to {b!r} (--allow-change)" for k, (a, b) in diff.items()]
+
+
+def save_checkpoint(path, state):
+    """Atomic save that keeps the previous checkpoint as path.prev; non-finite weights are never
+    saved (FloatingPointError, the files on disk stay as they were)."""
+    bad = [f"{part}.{name}" for part, sd in state.items() if isinstance(sd, dict) for name, t in sd.items()
+           if torch.is_tensor(t) and t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        more = " ..." if len(bad) > 4 else ""
+        raise FloatingPointError(f"non-finite values in {', '.join(bad[:4])}{more}: not saved; "
+                                 f"the last good checkpoint is {path}")
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    if os.path.exists(path):
+        os.replace(path, path + ".prev")
+    os.replace(tmp, path)  # a crash at any point leaves path or path.prev intact
+
+
+def read_checkpoint(path):
+    """torch.load(weights_only=True) with one clear error for a missing, corrupt or truncated file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in CHECKPOINT_KEYS if k not in state]
+        if missing:
+            raise KeyError(f"no {', '.join(missing)}")
+        return state
+    except Exception as e:  # unpickling errors of a damaged file come in many types
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+
+
+def load_checkpoint(path):
+    """The newest readable checkpoint of path and path.prev, or None when neither exists; a
+    damaged file is reported and the previous good one is used."""
+    errors = []
+    for candidate in (path, path + ".prev"):
+        if os.path.exists(candidate):
+            try:
+                state = read_checkpoint(candidate)
+            except ValueError as e:
+                errors.append(str(e))
+                print(f"warning: {e}; trying the previous checkpoint", file=sys.stderr)
+                continue
+            if errors:
+                print(f"resuming from the previous checkpoint {candidate} (epoch {state['epoch']})",
+                      file=sys.stderr)
+            return state
+    if errors:
+        sys.exit("no readable checkpoint: " + "; ".join(errors))
+    return None
+
+
+def metrics_records(path, upto_epoch=None):
+    """The records of metrics.jsonl; with upto_epoch, the file is cut to the epochs ≤ upto_epoch
+    (a resumed run rewrites whatever came after its checkpoint)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        records = [json.loads(line) for line in fh if line.strip()]
+    if upto_epoch is not None:
+        records = [r for r in records if r["epoch"] <= upto_epoch]
+        with open(path, "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in records)
+    return records
+
+# end of the code shared by train_cifar.py and train_imagenet.py
+# =============================================================================
+
+
 # -----------------------------------------------------------------------------
 # data: CIFAR-10 from torchvision's on-disk format, two augmented views per image
 
-def load_cifar(root, train):
-    """uint8 images (N, 3, 32, 32) and labels, read from root/cifar-10-batches-py; downloaded
-    with torchvision when the folder is missing. Exits with one clear message otherwise."""
+def download_cifar(root):
+    """torchvision's download of cifar-10-python.tar.gz (170 MB) into root (tests replace it)."""
     from torchvision.datasets import CIFAR10
-    folder = os.path.join(root, CIFAR10.base_folder)
-    if not os.path.isdir(folder):
+    socket.setdefaulttimeout(30)
+    CIFAR10(root, download=True)
+
+
+def ensure_cifar(root, rank=0, world=1):
+    """Download CIFAR-10 into root when it is missing: rank 0 alone downloads, the other ranks wait
+    for its result. When that fails every rank exits with one message."""
+    folder = os.path.join(root, "cifar-10-batches-py")
+    error = None
+    if rank == 0 and not os.path.isdir(folder):
         try:
-            socket.setdefaulttimeout(30)
-            CIFAR10(root, download=True)
+            download_cifar(root)
         except Exception as e:
-            sys.exit(f"CIFAR-10 not found at {folder} and it could not be downloaded ({type(e).__name__}: {e}).\n"
-                     f"Download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and "
-                     f"extract it into {os.path.abspath(root)} (it holds cifar-10-batches-py/data_batch_1..5, test_batch).")
-    names = [n for n, _ in (CIFAR10.train_list if train else CIFAR10.test_list)]
+            error = (f"CIFAR-10 not found at {folder} and it could not be downloaded "
+                     f"({type(e).__name__}: {e}).\nDownload cifar-10-python.tar.gz from "
+                     f"https://www.cs.toronto.edu/~kriz/cifar.html and extract it into "
+                     f"{os.path.abspath(root)} (it holds cifar-10-batches-py/data_batch_1..5, test_batch).")
+    if world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        sys.exit(error)
+
+
+def load_cifar(root, train):
+    """uint8 images (N, 3, 32, 32) and labels, read from root/cifar-10-batches-py; exits with
+    one clear message when files are missing or corrupt."""
+    folder = os.path.join(root, "cifar-10-batches-py")
+    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
     images, labels = [], []
     try:
         for name in names:
@@ -128,9 +420,10 @@ def load_cifar(root, train):
     return torch.from_numpy(np.concatenate(images)), torch.tensor(labels)
 
 
-def load_splits(root, subset):
+def load_splits(root, subset, rank=0, world=1):
     """Train and test images (N, 3, 32, 32) and labels; the first `subset` train and subset // 2
     test images when subset > 0."""
+    ensure_cifar(root, rank, world)
     (train_x, train_y), (test_x, test_y) = load_cifar(root, True), load_cifar(root, False)
     if subset:
         return train_x[:subset], train_y[:subset], test_x[:subset // 2], test_y[:subset // 2]
@@ -227,73 +520,13 @@ class SSLModel(nn.Module):
         self.predictor = mlp([dims[-1], dims[-1] // 4, dims[-1]], False) if loss == "simsiam" else None
 
     def forward(self, x1, x2):
-        h = self.backbone(torch.cat([x1, x2]))
-        z = self.projector(h)
-        p = self.predictor(z) if self.predictor is not None else None
-        return h, z, p
-
-
-# -----------------------------------------------------------------------------
-# losses
-
-def simsiam_loss(z, p):
-    z1, z2 = z.chunk(2)
-    p1, p2 = p.chunk(2)
-    return -0.5 * (F.cosine_similarity(p1, z2.detach()).mean() + F.cosine_similarity(p2, z1.detach()).mean())
-
-
-def vicreg_loss(z, world):
-    """Official VICReg: invariance MSE, std hinge and off-diagonal covariance on the global batch
-    (all_gather with gradient: its backward sums the gradients of every rank's statistics)."""
-    z1, z2 = z.float().chunk(2)
-    inv = F.mse_loss(z1, z2)
-    if world > 1:
-        z1, z2 = torch.cat(all_gather_with_grad(z1)), torch.cat(all_gather_with_grad(z2))
-    n, d = z1.shape
-    var = cov = 0
-    for zz in (z1, z2):
-        zz = zz - zz.mean(0)
-        var = var + F.relu(1 - torch.sqrt(zz.var(0) + 1e-4)).mean() / 2
-        c = zz.T @ zz / (n - 1)
-        cov = cov + (c.square().sum() - c.diagonal().square().sum()) / d
-    a, b, g = VICREG_COEFFS
-    return a * inv + b * var + g * cov
-
-
-def ssl_loss(name, z, p, loss_fn, args, world):
-    if name == "peira":
-        return loss_fn(*z.chunk(2))
-    if name == "peira_direct":
-        return peira.peira_objective(*z.chunk(2), args.lam)
-    if name == "simsiam":
-        return simsiam_loss(z, p)
-    return vicreg_loss(z, world)
-
-
-# -----------------------------------------------------------------------------
-# optimiser and schedules (functions of the step, so resume is exact)
-
-class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise trust ratio; parameters with ndim ≤ 1 (biases, norms)
-    get neither weight decay nor the trust ratio."""
-
-    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, trust=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust=trust))
-
-    @torch.no_grad()
-    def step(self):
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad
-                if p.ndim > 1:
-                    d = d.add(p, alpha=g["weight_decay"])
-                    pn, dn = p.norm(), d.norm()
-                    d = d.mul(torch.where((pn > 0) & (dn > 0), g["trust"] * pn / dn, 1.0))
-                buf = self.state[p].setdefault("mu", torch.zeros_like(p))
-                buf.mul_(g["momentum"]).add_(d)
-                p.add_(buf, alpha=-g["lr"])
+        """(h1, z1, z2, p1, p2). Each view in its own forward: batch-norm statistics per view, as
+        in the reference implementations of SimSiam, VICReg and BYOL."""
+        h1, h2 = self.backbone(x1), self.backbone(x2)
+        z1, z2 = self.projector(h1), self.projector(h2)
+        if self.predictor is None:
+            return h1, z1, z2, None, None
+        return h1, z1, z2, self.predictor(z1), self.predictor(z2)
 
 
 def make_optimizer(model, args):
@@ -301,15 +534,8 @@ def make_optimizer(model, args):
         return LARS(model.parameters(), lr=args.lr, weight_decay=args.wd)
     decay = [p for p in model.parameters() if p.ndim > 1]
     rest = [p for p in model.parameters() if p.ndim <= 1]
-    return torch.optim.SGD([{"params": decay, "weight_decay": args.wd}, {"params": rest, "weight_decay": 0.0}],
-                           lr=args.lr, momentum=0.9)
-
-
-def learning_rate(step, total, warmup, peak):
-    """Linear warmup, then cosine to 0."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+    groups = [{"params": decay, "weight_decay": args.wd}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
 
 
 # -----------------------------------------------------------------------------
@@ -319,7 +545,8 @@ def learning_rate(step, total, warmup, peak):
 def features(backbone, images, device, batch=512):
     """Backbone features of clean (un-augmented) images, in eval mode."""
     backbone.eval()
-    out = [backbone(normalize_clean(images[i:i + batch], device)).float() for i in range(0, len(images), batch)]
+    out = [backbone(normalize_clean(images[i:i + batch], device)).float()
+           for i in range(0, len(images), batch)]
     backbone.train()
     return torch.cat(out)
 
@@ -366,26 +593,15 @@ def linear_probe(train_x, train_y, test_x, test_y, epochs, seed, batch=1024):
             sched.step()
     with torch.no_grad():
         top5 = clf(test_x).topk(5, dim=1).indices
-    return (top5[:, 0] == test_y).float().mean().item(), (top5 == test_y[:, None]).any(1).float().mean().item()
-
-
-# -----------------------------------------------------------------------------
-# checkpoints
-
-def save_checkpoint(path, state):
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
-
-
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        sys.exit(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    top1 = (top5[:, 0] == test_y).float().mean().item()
+    return top1, (top5 == test_y[:, None]).any(1).float().mean().item()
 
 
 def evaluate_checkpoint(args, device):
-    ckpt = load_checkpoint(args.eval)
+    try:
+        ckpt = read_checkpoint(args.eval)
+    except ValueError as e:
+        sys.exit(str(e))
     cfg = ckpt["config"]
     model = SSLModel(cfg["loss"], cfg["width"], [int(d) for d in cfg["proj"].split("-")]).to(device)
     model.load_state_dict(ckpt["model"])
@@ -394,8 +610,8 @@ def evaluate_checkpoint(args, device):
     fte = F.normalize(features(model.backbone, test_x, device), dim=1)
     top1, top5 = linear_probe(ftr, train_y.to(device), fte, test_y.to(device), args.probe_epochs, args.seed)
     knn = knn_accuracy(ftr, train_y.to(device), fte, test_y.to(device))
-    print(f"{args.eval} (epoch {ckpt['epoch']}): linear probe top-1 {100 * top1:.2f}%, top-5 {100 * top5:.2f}%, "
-          f"kNN {100 * knn:.2f}%")
+    print(f"{args.eval} (epoch {ckpt['epoch']}): linear probe top-1 {100 * top1:.2f}%, "
+          f"top-5 {100 * top5:.2f}%, kNN {100 * knn:.2f}%")
     return {"linear_top1": top1, "linear_top5": top5, "knn": knn, "epoch": ckpt["epoch"]}
 
 
@@ -403,10 +619,17 @@ def evaluate_checkpoint(args, device):
 # training
 
 def check_args(args):
+    """Presets (--tiny, then the --loss recipe) fill the flags not given; then sanity checks."""
     if args.tiny:
         for key, value in TINY.items():
             if getattr(args, key) == parser.get_default(key):
                 setattr(args, key, value)
+    recipe = RECIPES[args.loss]
+    for key in ("batch_size", "optimizer", "wd", "warmup_epochs", "clip", "clip_from", "proj"):
+        if getattr(args, key) is None:
+            setattr(args, key, recipe[key])
+    if args.lr is None:
+        args.lr = recipe["lr"] if "lr" in recipe else recipe["lr_per_256"] * args.batch_size / 256
     problems = []
     if not args.lam > 0:
         problems.append(f"--lam must be > 0 (got {args.lam})")
@@ -414,6 +637,9 @@ def check_args(args):
         problems.append("--eta-start and --eta-end must be in (0, 1]")
     if args.epochs < 1 or args.batch_size < 2 or args.lr <= 0:
         problems.append("--epochs ≥ 1, --batch-size ≥ 2 and --lr > 0 are required")
+    unknown = [k for k in args.allow_change.split(",") if k and k not in vars(args) and k != "world_size"]
+    if unknown:
+        problems.append(f"--allow-change: unknown settings {', '.join(unknown)}")
     try:
         proj = [int(d) for d in args.proj.split("-")]
         assert all(d > 0 for d in proj)
@@ -434,15 +660,25 @@ def main(argv=None):
     if args.batch_size % world:
         parser.error(f"--batch-size {args.batch_size} is not divisible by {world} ranks")
     ckpt_path = os.path.join(args.out, "ckpt.pt")
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    config = {**vars(args), "world_size": world}
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt is None:
+            sys.exit(f"--resume: no checkpoint at {ckpt_path}")
+        changes = check_resume(ckpt["config"], config, args.allow_change.split(","))
     if master:
         os.makedirs(args.out, exist_ok=True)
-        if not args.resume:
-            open(os.path.join(args.out, "metrics.jsonl"), "w").close()
+        if ckpt is None:
+            open(metrics_path, "w").close()
+        else:  # the records after the checkpoint's epoch belong to a lost or cut-off epoch
+            metrics_records(metrics_path, upto_epoch=ckpt["epoch"])
         with open(os.path.join(args.out, "config.json"), "w") as fh:
-            json.dump(vars(args), fh, indent=1)
+            json.dump(config, fh, indent=1)
 
     # data
-    train_x, train_y, test_x, test_y = load_splits(args.data, args.subset)
+    train_x, train_y, test_x, test_y = load_splits(args.data, args.subset, rank, world)
     dataset = TwoViews(train_x, train_y)
     local_batch = args.batch_size // world
     steps_per_epoch = len(dataset) // args.batch_size
@@ -456,19 +692,22 @@ def main(argv=None):
     probe = nn.Linear(model.backbone.dim, 10).to(device)
     if world > 1 and device.type == "cuda":  # SyncBatchNorm runs on GPUs only; CPU ranks keep local BN
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    monitor = peira.PEIRALoss(proj[-1], lam=args.lam, eta=args.eta_start).to(device)  # the loss for --loss peira
+    monitor = peira.PEIRALoss(proj[-1], lam=args.lam, eta=args.eta_start).to(device)  # the loss for peira
     opt = make_optimizer(model, args)
     probe_opt = torch.optim.SGD(probe.parameters(), lr=0.1, momentum=0.9)
     start_epoch = 0
-    if args.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        for name, obj in (("model", model), ("probe", probe), ("monitor", monitor), ("opt", opt), ("probe_opt", probe_opt)):
+    if ckpt is not None:
+        for name, obj in (("model", model), ("probe", probe), ("peira", monitor), ("opt", opt),
+                          ("probe_opt", probe_opt)):
             obj.load_state_dict(ckpt[name])
         start_epoch = ckpt["epoch"]
         if master:
-            print(f"resumed from {ckpt_path} at epoch {start_epoch}")
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-    train_step_model = torch.compile(ddp) if args.compile else ddp
+            print(f"resumed from {ckpt_path} at epoch {start_epoch}", *changes, sep="\n  ")
+    ddp = None
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    forward = torch.compile(ddp or model) if args.compile else (ddp or model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
 
     history = []
@@ -477,8 +716,10 @@ def main(argv=None):
         # the epoch's order and augmentations are functions of (seed, epoch, rank): resume is exact
         gen = torch.Generator().manual_seed(args.seed * 100_003 + epoch * 1009 + rank)
         torch.manual_seed(args.seed * 100_003 + epoch * 1009 + rank)
-        sampler = torch.utils.data.distributed.DistributedSampler(dataset, world, rank, seed=args.seed, drop_last=True) if world > 1 else None
-        if sampler:
+        sampler = None
+        if world > 1:
+            sampler = torch.utils.data.distributed.DistributedSampler(dataset, world, rank, seed=args.seed,
+                                                                      drop_last=True)
             sampler.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=local_batch, shuffle=sampler is None, sampler=sampler, drop_last=True,
@@ -486,65 +727,57 @@ def main(argv=None):
             persistent_workers=False, prefetch_factor=4 if args.workers else None)
         t0, seen = time.time(), 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master, leave=False)
-        for i, (x1, x2, y) in enumerate(bar):
+        for i, batch in enumerate(bar):
             step = epoch * steps_per_epoch + i
             lr = learning_rate(step, total_steps, int(args.warmup_epochs * steps_per_epoch), args.lr)
             for g in opt.param_groups:
                 g["lr"] = lr
-            monitor.eta = args.eta_start + (args.eta_end - args.eta_start) * step / max(total_steps - 1, 1)
-            x1, x2, y = (t.to(device, non_blocking=True) for t in (x1, x2, y))
-            with autocast:
-                h, z, p = train_step_model(x1, x2)
-                loss = ssl_loss(args.loss, z, p, monitor, args, world)
-                probe_loss = F.cross_entropy(probe(h[:len(y)].detach().float()), y)
-            if args.loss != "peira":
-                with torch.no_grad():  # the PEIRA monitor sees every loss's embeddings
-                    monitor(*z.detach().float().chunk(2))
-            loss_value = loss.item()
+            eta = args.eta_start + (args.eta_end - args.eta_start) * step / max(total_steps - 1, 1)
+            batch = [t.to(device, non_blocking=True) for t in batch]
+            clip = args.clip if epoch >= args.clip_from else 0.0
+            loss_value, z = train_step(forward, ddp, model, probe, monitor, (opt, probe_opt), batch,
+                                       args.loss, args.lam, eta, 1, clip, world, autocast)
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"non-finite loss {loss_value} at step {step} (epoch {epoch + 1}); "
                                          f"the last good checkpoint, if any, is {ckpt_path}")
-            opt.zero_grad(set_to_none=True)
-            probe_opt.zero_grad(set_to_none=True)
-            (loss + probe_loss).backward()
-            if args.clip > 0 and epoch >= args.clip_from:
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            opt.step()
-            probe_opt.step()
-            seen += 2 * len(x1) * world
+            seen += 2 * len(batch[0]) * world
             if master:
                 bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{seen / (time.time() - t0):.0f}")
-                with open(os.path.join(args.out, "metrics.jsonl"), "a") as fh:
-                    fh.write(json.dumps({"step": step, "epoch": epoch + 1, "loss": loss_value, "lr": lr, "eta": monitor.eta}) + "\n")
+                with open(metrics_path, "a") as fh:
+                    fh.write(json.dumps({"step": step, "epoch": epoch + 1, "loss": loss_value, "lr": lr,
+                                         "eta": monitor.eta}) + "\n")
         epoch_time = time.time() - t0
 
         # evaluation: kNN on clean images, online probe on the test set, PEIRA diagnostics
         train_feat = sharded_features(model.backbone, train_x, device, rank, world)
         test_feat = sharded_features(model.backbone, test_x, device, rank, world)
-        knn = knn_accuracy(F.normalize(train_feat, dim=1), train_y.to(device), F.normalize(test_feat, dim=1), test_y.to(device))
+        knn = knn_accuracy(F.normalize(train_feat, dim=1), train_y.to(device), F.normalize(test_feat, dim=1),
+                           test_y.to(device))
         with torch.no_grad():  # the online probe on the same clean test features
             probe_acc = (probe(test_feat).argmax(1).cpu() == test_y).float().mean().item()
         stats = monitor.stats()
-        std = embedding_spread(z)
+        std = embedding_spread(z)  # the last batch's embeddings of view 1
         record = {"epoch": epoch + 1, "knn": knn, "online_probe": probe_acc, "loss": loss_value, "lr": lr,
                   "img_per_s": seen / epoch_time, "epoch_time": epoch_time, "normalized_std": std, **stats}
         history.append(record)
-        if world > 1:  # every rank must hold the same running moments
-            spread = monitor.N.clone()
-            dist.all_reduce(spread, op=dist.ReduceOp.MAX)
-            assert torch.equal(spread, monitor.N), "running moments differ across ranks"
+        # every rank holds the same weights, probe and running moments (DDP, the probe's all-reduce)
+        check_replicas([*model.parameters(), *probe.parameters(), monitor.N, monitor.S], world,
+                       "weights or running moments")
         if master:
             if std < COLLAPSE_STD:
-                print(f"warning: embeddings collapsing at epoch {epoch + 1}: √k·std of normalised embeddings {std:.3f}")
-            print(f"epoch {epoch + 1}: loss {loss_value:.4f}  kNN {100 * knn:.2f}%  probe {100 * probe_acc:.2f}%  "
-                  f"objective {stats['objective']:.4f}  rank(N) {stats['rank_N']:.1f}  {seen / epoch_time:.0f} img/s")
-            with open(os.path.join(args.out, "metrics.jsonl"), "a") as fh:
+                print(f"warning: embeddings collapsing at epoch {epoch + 1}: √k·std of normalised "
+                      f"embeddings {std:.3f}")
+            print(f"epoch {epoch + 1}: loss {loss_value:.4f}  kNN {100 * knn:.2f}%  "
+                  f"probe {100 * probe_acc:.2f}%  objective {stats['objective']:.4f}  "
+                  f"rank(N) {stats['rank_N']:.1f}  {seen / epoch_time:.0f} img/s")
+            with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "probe": probe.state_dict(),
-                                        "monitor": monitor.state_dict(), "opt": opt.state_dict(),
+                                        "peira": monitor.state_dict(), "opt": opt.state_dict(),
                                         "probe_opt": probe_opt.state_dict(), "epoch": epoch + 1,
-                                        "config": vars(args)})
+                                        "config": config})
     if master and history:
+        history = [r for r in metrics_records(metrics_path) if "knn" in r]  # the whole run
         finish(args, history)
     if world > 1:
         dist.destroy_process_group()
@@ -559,29 +792,35 @@ def embedding_spread(z):
 
 
 def finish(args, history):
-    """Results table, results.json and the objective-vs-kNN figure."""
+    """Results table, results.json and the objective-vs-kNN figure, over every epoch of the run
+    (metrics.jsonl, across resumes)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     last = history[-1]
-    results = {"loss": args.loss, "epochs": last["epoch"], "knn": last["knn"], "online_probe": last["online_probe"],
-               "objective": last["objective"], "img_per_s": float(np.mean([h["img_per_s"] for h in history])),
-               "objective_knn_corr": float(np.corrcoef([h["objective"] for h in history], [h["knn"] for h in history])[0, 1])
-               if len(history) > 2 else None}
+    corr = None
+    if len(history) > 2:
+        corr = float(np.corrcoef([h["objective"] for h in history], [h["knn"] for h in history])[0, 1])
+    results = {"loss": args.loss, "epochs": last["epoch"], "epochs_logged": len(history), "knn": last["knn"],
+               "online_probe": last["online_probe"], "objective": last["objective"],
+               "img_per_s": float(np.mean([h["img_per_s"] for h in history])), "objective_knn_corr": corr}
     with open(os.path.join(args.out, "results.json"), "w") as fh:
         json.dump(results, fh, indent=1)
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    sc = ax.scatter([100 * h["knn"] for h in history], [h["objective"] for h in history], c=[h["epoch"] for h in history])
+    sc = ax.scatter([100 * h["knn"] for h in history], [h["objective"] for h in history],
+                    c=[h["epoch"] for h in history])
     fig.colorbar(sc, label="epoch")
-    ax.set(xlabel="kNN accuracy (%)", ylabel=f"PEIRA objective (λ = {args.lam})", title=f"--loss {args.loss}")
+    ax.set(xlabel="kNN accuracy (%)", ylabel=f"PEIRA objective (λ = {args.lam})",
+           title=f"--loss {args.loss}")
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "objective_vs_knn.png"), dpi=120)
     plt.close(fig)
     print("\n| loss | epochs | kNN (%) | online probe (%) | PEIRA objective | img/s | corr(objective, kNN) |")
     print("|---|---|---|---|---|---|---|")
-    corr = "—" if results["objective_knn_corr"] is None else f"{results['objective_knn_corr']:.2f}"
-    print(f"| {args.loss} | {results['epochs']} | {100 * results['knn']:.2f} | {100 * results['online_probe']:.2f} | "
-          f"{results['objective']:.4f} | {results['img_per_s']:.0f} | {corr} |")
+    corr = "—" if corr is None else f"{corr:.2f}"
+    print(f"| {args.loss} | {results['epochs']} | {100 * results['knn']:.2f} | "
+          f"{100 * results['online_probe']:.2f} | {results['objective']:.4f} | {results['img_per_s']:.0f} | "
+          f"{corr} |")
 
 
 if __name__ == "__main__":

@@ -6,14 +6,16 @@
     python train_imagenet.py --data /path/to/imagenet --accum-steps 8   # one GPU, 8 micro-batches
     python train_imagenet.py --data /path/to/imagenet --eval out/imagenet/ckpt.pt   # linear probe
 
---data holds ImageFolder train/ and val/ (one folder per class). Defaults are the preprint's:
-PEIRA λ 0.1, η 0.9 → 0.5, global batch 2048, LARS lr 2.4 (10 warmup epochs, cosine to 2e-3),
-wd 1e-6, 100 epochs, clipping 1.0, projector 8192-8192-256, bf16 autocast, SyncBatchNorm.
---loss vicreg is the baseline. A run restarted with the same --out resumes from its last
-checkpoint (preemption); the data order and every augmentation are functions of (seed, epoch,
-image index), so a resumed run continues exactly and ranks never share augmentations.
-With --accum-steps a > 1 each micro-batch is a PEIRA step with η_micro = 1 − (1 − η)^(1/a),
-so the moments decay over an optimiser step as they would with the whole batch.
+--data holds ImageFolder train/ and val/ with the same class folders (one per class). Each --loss
+runs its own recipe unless flags override it (RECIPES): PEIRA the preprint's (λ 0.1, η 0.9 → 0.5,
+global batch 2048, LARS lr 2.4, 10 warmup epochs, cosine to 2e-3, wd 1e-6, clipping 1.0, projector
+8192-8192-256), VICReg its paper's (LARS lr 0.2 · batch / 256, cosine to 0.001 of it, wd 1e-6,
+projector 8192-8192-8192, no clipping); 100 epochs, bf16 autocast, SyncBatchNorm. A run restarted
+with the same --out resumes from its last checkpoint (preemption) when the configuration matches;
+the data order and every augmentation are functions of (seed, epoch, image index), so a resumed
+run continues exactly and ranks never share augmentations. With --accum-steps a > 1 each
+micro-batch of a PEIRA step uses η_micro = 1 − (1 − η)^(1/a), so the moments decay over an
+optimiser step as they would with the whole batch; VICReg's accumulation is exact (train_step).
 """
 import argparse
 import json
@@ -29,52 +31,69 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from torch.distributed.nn.functional import all_gather as all_gather_with_grad
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 from tqdm import tqdm
 
 import peira
 
 # -----------------------------------------------------------------------------
-# hyperparameters (defaults: the preprint's ImageNet recipe)
+# hyperparameters: per-loss recipes, flags override them
 
-parser = argparse.ArgumentParser(description="PEIRA on ImageNet-1k", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser = argparse.ArgumentParser(description="PEIRA on ImageNet-1k",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+RECIPE = "default: the --loss recipe"
 parser.add_argument("--data", required=True, help="ImageFolder root holding train/ and val/")
 parser.add_argument("--out", default="out/imagenet", help="output folder (a checkpoint there is resumed)")
 parser.add_argument("--loss", default="peira", choices=["peira", "vicreg"])
 parser.add_argument("--epochs", type=int, default=100)
 parser.add_argument("--batch-size", type=int, default=2048, help="global batch per optimiser step")
 parser.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimiser step and rank")
-parser.add_argument("--lr", type=float, default=2.4, help="peak LARS learning rate")
-parser.add_argument("--min-lr", type=float, default=2e-3, help="learning rate at the end of the cosine")
-parser.add_argument("--wd", type=float, default=1e-6)
-parser.add_argument("--warmup-epochs", type=float, default=10)
-parser.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
+parser.add_argument("--lr", type=float, help="peak LARS learning rate; " + RECIPE)
+parser.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine; " + RECIPE)
+parser.add_argument("--wd", type=float, help=RECIPE)
+parser.add_argument("--warmup-epochs", type=float, help=RECIPE)
+parser.add_argument("--clip", type=float, help="gradient-norm clipping (0: off); " + RECIPE)
 parser.add_argument("--lam", type=float, default=0.1)
 parser.add_argument("--eta-start", type=float, default=0.9)
 parser.add_argument("--eta-end", type=float, default=0.5)
-parser.add_argument("--proj", default="8192-8192-256", help="projector widths, last = embedding dim k")
+parser.add_argument("--proj", help="projector widths, last = embedding dim k; " + RECIPE)
 parser.add_argument("--image-size", type=int, default=224, help="crop size (small values for tests)")
-parser.add_argument("--workers", type=int, default=min(10, os.cpu_count() or 1), help="loader workers per rank")
+parser.add_argument("--workers", type=int, default=min(10, os.cpu_count() or 1),
+                    help="loader workers per rank")
 parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available())
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-parser.add_argument("--stop-after", type=int, default=0, help="exit after this many epochs of this run (0: run to --epochs)")
+parser.add_argument("--allow-change", default="", metavar="KEYS",
+                    help="comma-separated settings that may differ from the checkpoint's when resuming, "
+                         "e.g. epochs (the change is logged)")
+parser.add_argument("--stop-after", type=int, default=0,
+                    help="exit after this many epochs of this run (0: run to --epochs)")
 parser.add_argument("--eval", metavar="CKPT", help="offline linear probe of a checkpoint, then exit")
 parser.add_argument("--probe-epochs", type=int, default=100)
 parser.add_argument("--probe-lr", type=float, default=0.25)
 parser.add_argument("--probe-batch", type=int, default=1024)
 parser.add_argument("--seed", type=int, default=0)
 
+RECIPES = {
+    # the preprint's ImageNet recipe
+    "peira": dict(lr=2.4, min_lr=2e-3, wd=1e-6, warmup_epochs=10, clip=1.0, proj="8192-8192-256"),
+    # VICReg's (Bardes, Ponce & LeCun, ICLR 2022, and its reference code): LARS, lr 0.2 · batch / 256,
+    # 10 warmup epochs, cosine to 0.001 of the peak, wd 1e-6, projector 8192-8192-8192, no clipping
+    "vicreg": dict(lr_per_256=0.2, min_lr_ratio=1e-3, wd=1e-6, warmup_epochs=10, clip=0.0,
+                   proj="8192-8192-8192"),
+}
 VICREG_COEFFS = (25.0, 25.0, 1.0)
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-# -----------------------------------------------------------------------------
-# distributed set-up
 
+# =============================================================================
+# shared by train_cifar.py and train_imagenet.py: the two copies are identical (tested)
 
 def setup_distributed():
+    """(rank, world size, device); torchrun sets RANK, LOCAL_RANK and WORLD_SIZE."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, local, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
         dist.init_process_group("nccl")
@@ -83,18 +102,300 @@ def setup_distributed():
     return rank, world, torch.device("cpu")
 
 
+def gather_with_grad(z, world):
+    """The global batch (rows ordered by rank). Backward hands each rank the gradient of its rows
+    summed over the ranks; as every rank computes the same global term, DDP's average of the
+    parameter gradients is then the gradient of the global batch."""
+    return torch.cat(all_gather_with_grad(z.contiguous())) if world > 1 else z
+
+
+def vicreg_loss(z1, z2, world):
+    """VICReg (Bardes, Ponce & LeCun, ICLR 2022), coefficients 25 / 25 / 1: invariance on the
+    local batch (DDP averages it), variance and covariance on the global batch."""
+    z1, z2 = z1.float(), z2.float()
+    inv = F.mse_loss(z1, z2)
+    z1, z2 = gather_with_grad(z1, world), gather_with_grad(z2, world)
+    n, d = z1.shape
+    var = cov = 0
+    for zz in (z1, z2):
+        zz = zz - zz.mean(0)
+        var = var + F.relu(1 - torch.sqrt(zz.var(0) + 1e-4)).mean() / 2
+        c = zz.T @ zz / (n - 1)
+        cov = cov + (c.square().sum() - c.diagonal().square().sum()) / d
+    a, b, g = VICREG_COEFFS
+    return a * inv + b * var + g * cov
+
+
+def simsiam_loss(z1, z2, p1, p2):
+    """SimSiam (Chen & He, CVPR 2021): symmetric negative cosine, stop-gradient on the targets."""
+    return -0.5 * (F.cosine_similarity(p1, z2.detach()).mean() + F.cosine_similarity(p2, z1.detach()).mean())
+
+
+def peira_direct_loss(z1, z2, lam, world):
+    """PEIRA's exact objective on the moments of the global batch, back-propagated through the
+    inverse (the "direct" algorithm): the same value, hence the same bias, on any number of GPUs."""
+    return peira.peira_objective(gather_with_grad(z1, world), gather_with_grad(z2, world), lam)
+
+
+def ssl_loss(name, z1, z2, p1, p2, peira_loss, lam, world):
+    if name == "peira":
+        return peira_loss(z1, z2)  # running moments, all-reduced inside
+    if name == "peira_direct":
+        return peira_direct_loss(z1, z2, lam, world)
+    if name == "simsiam":
+        return simsiam_loss(z1, z2, p1, p2)
+    return vicreg_loss(z1, z2, world)
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust ratio; parameters with ndim ≤ 1 (biases, norms)
+    get neither weight decay nor the trust ratio."""
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, trust=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust=trust))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:
+                    d = d.add(p, alpha=g["weight_decay"])
+                    pn, dn = p.norm(), d.norm()
+                    d = d.mul(torch.where((pn > 0) & (dn > 0), g["trust"] * pn / dn, 1.0))
+                buf = self.state[p].setdefault("mu", torch.zeros_like(p))
+                buf.mul_(g["momentum"]).add_(d)
+                p.add_(buf, alpha=-g["lr"])
+
+
+def learning_rate(step, total, warmup, peak, floor=0.0):
+    """Linear warmup, then cosine from peak to floor: a function of the step, so resume is exact."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+def average_gradients(module, world):
+    """Mean of a module's gradients over the ranks: the online probe lives outside DDP."""
+    if world > 1:
+        for p in module.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+
+
+def train_step(forward, ddp, model, probe, peira_loss, opts, batch, loss_name, lam, eta, accum, clip,
+               world, autocast):
+    """Forward and backward of one optimiser step, then the step; returns the loss value.
+
+    forward(x1, x2) -> (h1, z1, z2, p1, p2), each view goes through the network in its own
+    forward (batch-norm statistics per view). With accum > 1 the images j, j + a, j + 2a, ...
+    form micro-batch j. SimSiam's loss is a mean over images: accumulation is exact. VICReg and
+    peira_direct depend on batch statistics: a pass without gradient gives the embeddings of the
+    whole batch and the gradient G of its loss, then each micro-batch back-propagates its rows of
+    G (exact; one extra forward; batch-norm buffers restored after the first pass). PEIRA: each
+    micro-batch is a PEIRA step with η_micro = 1 − (1 − η)^(1/a), so the running moments decay
+    over the optimiser step as with the whole batch (an approximation: P, Q change between
+    micro-batches). The PEIRA monitor sees every loss's embeddings. Returns the loss value and
+    the last micro-batch's embeddings of view 1 (detached)."""
+    x1, x2, y = batch
+    opt, probe_opt = opts
+    opt.zero_grad(set_to_none=True)
+    probe_opt.zero_grad(set_to_none=True)
+    parts = [slice(j, None, accum) for j in range(accum)]
+    eta_micro = eta if accum == 1 else 1 - (1 - eta) ** (1 / accum)
+    total = 0.0
+    two_pass = accum > 1 and loss_name in ("vicreg", "peira_direct")
+    if two_pass:
+        buffers = [b.clone() for b in model.buffers()]
+        with torch.no_grad(), autocast:
+            outs = [forward(x1[s], x2[s]) for s in parts]
+        for b, saved in zip(model.buffers(), buffers):
+            b.copy_(saved)
+        z1 = torch.cat([o[1] for o in outs]).float().requires_grad_()
+        z2 = torch.cat([o[2] for o in outs]).float().requires_grad_()
+        loss = ssl_loss(loss_name, z1, z2, None, None, peira_loss, lam, world)
+        g1, g2 = (g.split([len(o[1]) for o in outs]) for g in torch.autograd.grad(loss, (z1, z2)))
+        peira_loss.eta = eta
+        with torch.no_grad():
+            peira_loss(z1.detach(), z2.detach())
+        total = loss.detach()
+    for j, s in enumerate(parts):
+        sync = ddp.no_sync() if ddp is not None and j < accum - 1 else nullcontext()
+        with sync, autocast:
+            h1, z1, z2, p1, p2 = forward(x1[s], x2[s])
+            probe_loss = F.cross_entropy(probe(h1.detach().float()), y[s])
+            if two_pass:  # the gradient of the whole batch's loss w.r.t. these rows
+                loss = (g1[j] * z1.float()).sum() + (g2[j] * z2.float()).sum()
+            else:
+                peira_loss.eta = eta_micro
+                loss = ssl_loss(loss_name, z1, z2, p1, p2, peira_loss, lam, world)
+                total = total + loss.detach() / accum
+                if loss_name != "peira":
+                    with torch.no_grad():
+                        peira_loss(z1.detach().float(), z2.detach().float())
+        (loss * (1.0 if two_pass else 1.0 / accum) + probe_loss / accum).backward()
+    loss_value, z1 = float(total), z1.detach()
+    if not math.isfinite(loss_value):
+        return loss_value, z1  # nothing is updated; the caller stops with the checkpoint's name
+    average_gradients(probe, world)
+    if clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    probe_opt.step()
+    return loss_value, z1
+
+
+def check_replicas(tensors, world, what):
+    """Stop when the ranks hold different values (a missing gradient all-reduce shows here):
+    per tensor, the float64 sum and sum of squares must agree exactly across ranks."""
+    if world == 1:
+        return
+    sums = torch.stack([torch.stack([t.detach().double().sum(), t.detach().double().square().sum()])
+                        for t in tensors])
+    lo, hi = sums.clone(), sums.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if not torch.equal(lo, hi):
+        differ = int((lo != hi).any(1).sum())
+        raise RuntimeError(f"{what} differ across ranks ({differ} of {len(sums)} tensors)")
+
+
+# the settings that do not change a run: everything else must match the checkpoint's to resume
+NOT_RUN_KEYS = {"data", "out", "workers", "resume", "stop_after", "eval", "probe_epochs", "probe_lr",
+                "probe_batch", "compile", "allow_change", "tiny"}
+CHECKPOINT_KEYS = ("model", "probe", "peira", "opt", "probe_opt", "epoch", "config")
+
+
+def check_resume(saved, now, allowed):
+    """Compare the checkpoint's configuration with this run's. A key that changes the run (loss,
+    epochs, batch size, projector, world size, ...) must match unless named in --allow-change;
+    returns the allowed changes as lines for the log."""
+    keys = sorted((set(saved) | set(now)) - NOT_RUN_KEYS)
+    diff = {k: (saved.get(k, "absent"), now.get(k, "absent")) for k in keys if saved.get(k) != now.get(k)}
+    refused = [k for k in diff if k not in allowed]
+    if refused:
+        sys.exit("cannot resume: the checkpoint's run differs in\n"
+                 + "\n".join(f"  {k}: checkpoint {diff[k][0]!r}, now {diff[k][1]!r}" for k in refused)
+                 + "\nrepeat the checkpoint's settings, or allow a deliberate change with --allow-change "
+                 + ",".join(refused))
+    return [f"{k} changed from {a!r} to {b!r} (--allow-change)" for k, (a, b) in diff.items()]
+
+
+def save_checkpoint(path, state):
+    """Atomic save that keeps the previous checkpoint as path.prev; non-finite weights are never
+    saved (FloatingPointError, the files on disk stay as they were)."""
+    bad = [f"{part}.{name}" for part, sd in state.items() if isinstance(sd, dict) for name, t in sd.items()
+           if torch.is_tensor(t) and t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        more = " ..." if len(bad) > 4 else ""
+        raise FloatingPointError(f"non-finite values in {', '.join(bad[:4])}{more}: not saved; "
+                                 f"the last good checkpoint is {path}")
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    if os.path.exists(path):
+        os.replace(path, path + ".prev")
+    os.replace(tmp, path)  # a crash at any point leaves path or path.prev intact
+
+
+def read_checkpoint(path):
+    """torch.load(weights_only=True) with one clear error for a missing, corrupt or truncated file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in CHECKPOINT_KEYS if k not in state]
+        if missing:
+            raise KeyError(f"no {', '.join(missing)}")
+        return state
+    except Exception as e:  # unpickling errors of a damaged file come in many types
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+
+
+def load_checkpoint(path):
+    """The newest readable checkpoint of path and path.prev, or None when neither exists; a
+    damaged file is reported and the previous good one is used."""
+    errors = []
+    for candidate in (path, path + ".prev"):
+        if os.path.exists(candidate):
+            try:
+                state = read_checkpoint(candidate)
+            except ValueError as e:
+                errors.append(str(e))
+                print(f"warning: {e}; trying the previous checkpoint", file=sys.stderr)
+                continue
+            if errors:
+                print(f"resuming from the previous checkpoint {candidate} (epoch {state['epoch']})",
+                      file=sys.stderr)
+            return state
+    if errors:
+        sys.exit("no readable checkpoint: " + "; ".join(errors))
+    return None
+
+
+def metrics_records(path, upto_epoch=None):
+    """The records of metrics.jsonl; with upto_epoch, the file is cut to the epochs ≤ upto_epoch
+    (a resumed run rewrites whatever came after its checkpoint)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        records = [json.loads(line) for line in fh if line.strip()]
+    if upto_epoch is not None:
+        records = [r for r in records if r["epoch"] <= upto_epoch]
+        with open(path, "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in records)
+    return records
+
+# end of the code shared by train_cifar.py and train_imagenet.py
+# =============================================================================
+
+
 # -----------------------------------------------------------------------------
 # data: ImageFolder, the VICReg/BYOL asymmetric two-view recipe
 
+def _has_image(folder):
+    """Whether folder (or a sub-folder) holds a file ImageFolder loads; stops at the first one."""
+    subfolders = []
+    for entry in os.scandir(folder):
+        if entry.is_file() and entry.name.lower().endswith(IMG_EXTENSIONS):
+            return True
+        if entry.is_dir():
+            subfolders.append(entry.path)
+    return any(_has_image(f) for f in subfolders)
+
+
+def class_folders(path):
+    """The class folders of one split, sorted as ImageFolder numbers them; exits with one
+    message on a missing split, hidden folders (ImageFolder would count them as classes) or
+    class folders without images."""
+    if not os.path.isdir(path):
+        sys.exit(f"{path} not found: --data must hold ImageFolder train/ and val/ folders, one "
+                 f"sub-folder of images per class (e.g. train/n01440764/*.JPEG)")
+    folders = sorted(e.name for e in os.scandir(path) if e.is_dir())
+    hidden = [name for name in folders if name.startswith(".")]
+    if hidden:
+        sys.exit(f"{path} holds hidden folders ({', '.join(hidden)}): ImageFolder would count them as "
+                 f"classes and shift the labels; move them out of {path}")
+    if not folders:
+        sys.exit(f"{path} has no class folders: expected {path}/<class>/<image files>")
+    empty = [name for name in folders if not _has_image(os.path.join(path, name))]
+    if empty:
+        sys.exit(f"{path}: class folders without images ({', '.join(IMG_EXTENSIONS)}): "
+                 f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}")
+    return folders
+
+
 def check_layout(root):
-    """train/ and val/ with the same class folders, or one clear error."""
-    for split in ("train", "val"):
-        path = os.path.join(root, split)
-        if not os.path.isdir(path):
-            sys.exit(f"{path} not found: --data must hold ImageFolder train/ and val/ folders, one "
-                     f"sub-folder of images per class (e.g. train/n01440764/*.JPEG)")
-        if not any(e.is_dir() for e in os.scandir(path)):
-            sys.exit(f"{path} has no class folders: expected {path}/<class>/<image files>")
+    """train/ and val/ with the same class folders (ImageFolder numbers each split by itself:
+    one missing or extra folder shifts every label), or one message naming the differences."""
+    train, val = (class_folders(os.path.join(root, split)) for split in ("train", "val"))
+    if train != val:
+        only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+        sys.exit(f"train/ and val/ of {root} must hold the same class folders; only in train/: "
+                 f"{', '.join(only_train) or 'none'}; only in val/: {', '.join(only_val) or 'none'}")
+    return train
 
 
 def read_rgb(path):
@@ -139,11 +440,11 @@ class TwoViews(torch.utils.data.Dataset):
 
 
 def clean_loader(root, size, batch, workers, rank, world):
-    """Centre crops of a split, sharded across ranks (no padding: every image once)."""
+    """Centre crops of a split, sharded across ranks: rank r holds the images r, r + world, ..."""
     ds = torchvision.datasets.ImageFolder(root, transform=eval_transform(size), loader=read_rgb)
     idx = list(range(rank, len(ds), world))
-    return torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=batch, num_workers=workers,
-                                       pin_memory=torch.cuda.is_available())
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=batch,
+                                       num_workers=workers, pin_memory=torch.cuda.is_available())
 
 
 # -----------------------------------------------------------------------------
@@ -162,8 +463,10 @@ def build_model(proj_spec):
 
 
 def embed(model, x1, x2):
-    h = model["backbone"](torch.cat([x1, x2]))
-    return h, model["projector"](h)
+    """(h1, z1, z2, None, None): each view in its own forward (batch-norm statistics per view), as
+    in the reference implementations of VICReg and BYOL."""
+    h1, h2 = model["backbone"](x1), model["backbone"](x2)
+    return h1, model["projector"](h1), model["projector"](h2), None, None
 
 
 class Encoder(nn.Module):  # the forward that DDP wraps
@@ -175,78 +478,43 @@ class Encoder(nn.Module):  # the forward that DDP wraps
         return embed(self.model, x1, x2)
 
 
-def vicreg_loss(z, world):
-    """Official VICReg on the global batch (all_gather with gradient)."""
-    z1, z2 = z.float().chunk(2)
-    inv = F.mse_loss(z1, z2)
-    if world > 1:
-        z1, z2 = torch.cat(all_gather_with_grad(z1)), torch.cat(all_gather_with_grad(z2))
-    n, d = z1.shape
-    var = cov = 0
-    for zz in (z1, z2):
-        zz = zz - zz.mean(0)
-        var = var + F.relu(1 - torch.sqrt(zz.var(0) + 1e-4)).mean() / 2
-        c = zz.T @ zz / (n - 1)
-        cov = cov + (c.square().sum() - c.diagonal().square().sum()) / d
-    a, b, g = VICREG_COEFFS
-    return a * inv + b * var + g * cov
-
-
-class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise trust ratio; biases and norms (ndim ≤ 1) get neither
-    weight decay nor the trust ratio."""
-
-    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, trust=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust=trust))
-
-    @torch.no_grad()
-    def step(self):
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad
-                if p.ndim > 1:
-                    d = d.add(p, alpha=g["weight_decay"])
-                    pn, dn = p.norm(), d.norm()
-                    d = d.mul(torch.where((pn > 0) & (dn > 0), g["trust"] * pn / dn, 1.0))
-                buf = self.state[p].setdefault("mu", torch.zeros_like(p))
-                buf.mul_(g["momentum"]).add_(d)
-                p.add_(buf, alpha=-g["lr"])
-
-
-def learning_rate(step, total, warmup, peak, floor):
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
-
-
 # -----------------------------------------------------------------------------
 # evaluation
 
 @torch.no_grad()
-def backbone_features(model, loader, device, world):
-    """Features and labels of a sharded clean loader, gathered on every rank."""
+def backbone_features(model, loader, device):
+    """Features and labels of this rank's shard of a clean loader."""
     model.eval()
     feats, labels = [], []
     for x, y in loader:
         feats.append(model["backbone"](x.to(device, non_blocking=True)).float())
         labels.append(y.to(device))
     model.train()
-    f, y = torch.cat(feats), torch.cat(labels)
-    if world > 1:  # shards differ in size by at most one: pad, gather, trim
-        n = torch.tensor([len(f)], device=device)
-        sizes = [torch.zeros_like(n) for _ in range(world)]
-        dist.all_gather(sizes, n)
-        m = int(max(s.item() for s in sizes))
-        fp, yp = torch.zeros(m, f.shape[1], device=device), torch.zeros(m, dtype=y.dtype, device=device)
-        fp[:len(f)], yp[:len(y)] = f, y
-        fs, ys = [torch.empty_like(fp) for _ in range(world)], [torch.empty_like(yp) for _ in range(world)]
-        dist.all_gather(fs, fp)
-        dist.all_gather(ys, yp)
-        f = torch.cat([a[:int(s.item())] for a, s in zip(fs, sizes)])
-        y = torch.cat([a[:int(s.item())] for a, s in zip(ys, sizes)])
-    return f, y
+    return torch.cat(feats), torch.cat(labels)
+
+
+def gather_on_rank0(f, y, rank, world):
+    """The shards' features and labels in the split's order on rank 0, None on the other ranks
+    (only rank 0 holds the whole split: 1.28M × 2048 floats are 10 GB)."""
+    if world == 1:
+        return f, y
+    n = torch.tensor([len(f)], device=f.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    fp = torch.zeros(max(sizes), f.shape[1], device=f.device)
+    yp = torch.zeros(max(sizes), dtype=y.dtype, device=y.device)
+    fp[:len(f)], yp[:len(y)] = f, y
+    fs = [torch.empty_like(fp) for _ in range(world)] if rank == 0 else None
+    ys = [torch.empty_like(yp) for _ in range(world)] if rank == 0 else None
+    dist.gather(fp, fs, dst=0)
+    dist.gather(yp, ys, dst=0)
+    if rank != 0:
+        return None, None
+    out_f, out_y = fp.new_empty(sum(sizes), f.shape[1]), yp.new_empty(sum(sizes))
+    for r in range(world):  # rank r holds the images r, r + world, ...
+        out_f[r::world], out_y[r::world] = fs[r][:sizes[r]], ys[r][:sizes[r]]
+    return out_f, out_y
 
 
 def linear_probe(train_f, train_y, val_f, val_y, classes, args):
@@ -270,49 +538,85 @@ def linear_probe(train_f, train_y, val_f, val_y, classes, args):
     return (top[:, 0] == val_y).float().mean().item(), (top == val_y[:, None]).any(1).float().mean().item()
 
 
-def evaluate_checkpoint(args, rank, world, device):
-    ckpt = torch.load(args.eval, map_location="cpu", weights_only=True)
+def evaluate_checkpoint(args, classes, rank, world, device):
+    """Features of every rank's shard, gathered on rank 0, which trains and evaluates the probe;
+    the other ranks return None."""
+    try:
+        ckpt = read_checkpoint(args.eval)
+    except ValueError as e:
+        sys.exit(str(e))
     model = build_model(ckpt["config"]["proj"]).to(device)
     model.load_state_dict(ckpt["model"])
-    loaders = [clean_loader(os.path.join(args.data, s), args.image_size, 256, args.workers, rank, world) for s in ("train", "val")]
-    (trf, trl), (vaf, val) = (backbone_features(model, ld, device, world) for ld in loaders)
-    classes = len(loaders[0].dataset.dataset.classes)
-    top1, top5 = linear_probe(trf, trl, vaf, val, classes, args)
-    if rank == 0:
-        print(f"{args.eval} (epoch {ckpt['epoch']}): linear probe top-1 {100 * top1:.2f}%  top-5 {100 * top5:.2f}%")
-    return {"top1": top1, "top5": top5, "epoch": ckpt["epoch"]}
+    splits = []
+    for split in ("train", "val"):
+        loader = clean_loader(os.path.join(args.data, split), args.image_size, 256, args.workers, rank, world)
+        splits.append(gather_on_rank0(*backbone_features(model, loader, device), rank, world))
+    if world > 1:
+        dist.destroy_process_group()  # the other ranks are done: no collective waits on the probe
+    if rank != 0:
+        return None
+    (trf, trl), (vaf, val) = splits
+    top1, top5 = linear_probe(trf, trl, vaf, val, len(classes), args)
+    print(f"{args.eval} (epoch {ckpt['epoch']}): linear probe top-1 {100 * top1:.2f}%  "
+          f"top-5 {100 * top5:.2f}%")
+    return {"top1": top1, "top5": top5, "epoch": ckpt["epoch"], "train_features": len(trf)}
 
 
 # -----------------------------------------------------------------------------
 # training
 
-def save_checkpoint(path, state):
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def check_args(args):
+    """The --loss recipe fills the flags not given; then sanity checks (parser errors)."""
+    recipe = RECIPES[args.loss]
+    for key in ("wd", "warmup_epochs", "clip", "proj"):
+        if getattr(args, key) is None:
+            setattr(args, key, recipe[key])
+    if args.lr is None:
+        args.lr = recipe["lr"] if "lr" in recipe else recipe["lr_per_256"] * args.batch_size / 256
+    if args.min_lr is None:
+        args.min_lr = recipe["min_lr"] if "min_lr" in recipe else recipe["min_lr_ratio"] * args.lr
+    problems = []
+    if not args.lam > 0 or not (0 < args.eta_end <= 1 and 0 < args.eta_start <= 1):
+        problems.append("need --lam > 0 and --eta-start, --eta-end in (0, 1]")
+    if args.accum_steps < 1 or args.epochs < 1 or args.batch_size < 2:
+        problems.append("need --accum-steps ≥ 1, --epochs ≥ 1 and --batch-size ≥ 2")
+    unknown = [k for k in args.allow_change.split(",") if k and k not in vars(args) and k != "world_size"]
+    if unknown:
+        problems.append(f"--allow-change: unknown settings {', '.join(unknown)}")
+    if problems:
+        parser.error("; ".join(problems))
 
 
 def main(argv=None):
     args = parser.parse_args(argv)
-    if not args.lam > 0 or not (0 < args.eta_end <= 1 and 0 < args.eta_start <= 1):
-        parser.error("need --lam > 0 and --eta-start, --eta-end in (0, 1]")
-    check_layout(args.data)
+    check_args(args)
+    classes = check_layout(args.data)
     rank, world, device = setup_distributed()
     master = rank == 0
     if args.eval:
-        return evaluate_checkpoint(args, rank, world, device)
+        return evaluate_checkpoint(args, classes, rank, world, device)
     micro = args.batch_size // (world * args.accum_steps)
     if micro * world * args.accum_steps != args.batch_size or micro < 2:
         parser.error(f"--batch-size {args.batch_size} must split into {world} ranks × {args.accum_steps} "
                      f"micro-batches of at least 2 images")
     ckpt_path = os.path.join(args.out, "ckpt.pt")
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    config = {**vars(args), "world_size": world}
+    ckpt = load_checkpoint(ckpt_path)  # resume after a preemption or a --stop-after
+    changes = [] if ckpt is None else check_resume(ckpt["config"], config, args.allow_change.split(","))
     if master:
         os.makedirs(args.out, exist_ok=True)
+        if ckpt is None:
+            open(metrics_path, "w").close()
+        else:  # the records after the checkpoint's epoch belong to a lost or cut-off epoch
+            metrics_records(metrics_path, upto_epoch=ckpt["epoch"])
+        with open(os.path.join(args.out, "config.json"), "w") as fh:
+            json.dump(config, fh, indent=1)
 
     dataset = TwoViews(os.path.join(args.data, "train"), args.image_size, args.seed)
-    sampler = torch.utils.data.distributed.DistributedSampler(dataset, world, rank, seed=args.seed, drop_last=True)
+    sampler = torch.utils.data.distributed.DistributedSampler(dataset, world, rank, seed=args.seed,
+                                                              drop_last=True)
     val_loader = clean_loader(os.path.join(args.data, "val"), args.image_size, 256, args.workers, rank, world)
-    classes = len(dataset.folder.classes)
     steps_per_epoch = len(sampler) // (micro * args.accum_steps)
     if steps_per_epoch == 0:
         parser.error(f"--batch-size {args.batch_size} is larger than the {len(dataset)} training images")
@@ -320,27 +624,26 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     model = build_model(args.proj).to(device).to(memory_format=torch.channels_last)
-    probe = nn.Linear(2048, classes).to(device)
+    probe = nn.Linear(2048, len(classes)).to(device)
     if world > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     k = int(args.proj.split("-")[-1])
-    peira_loss = peira.PEIRALoss(k, lam=args.lam, eta=args.eta_start).to(device)  # loss, or monitor for vicreg
+    # the loss, or the monitor for vicreg
+    peira_loss = peira.PEIRALoss(k, lam=args.lam, eta=args.eta_start).to(device)
     opt = LARS(model.parameters(), lr=args.lr, weight_decay=args.wd)
     probe_opt = torch.optim.SGD(probe.parameters(), lr=0.1, momentum=0.9)
     start_epoch = 0
-    if os.path.isfile(ckpt_path):  # resume (after a preemption, or a --stop-after)
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        for name, obj in (("model", model), ("probe", probe), ("peira", peira_loss), ("opt", opt), ("probe_opt", probe_opt)):
+    if ckpt is not None:
+        for name, obj in (("model", model), ("probe", probe), ("peira", peira_loss), ("opt", opt),
+                          ("probe_opt", probe_opt)):
             obj.load_state_dict(ckpt[name])
         start_epoch = ckpt["epoch"]
         if master:
-            print(f"resuming from {ckpt_path} at epoch {start_epoch}")
-    if master:
-        with open(os.path.join(args.out, "config.json"), "w") as fh:
-            json.dump({**vars(args), "world_size": world}, fh, indent=1)
-    encoder = Encoder(model)
+            print(f"resuming from {ckpt_path} at epoch {start_epoch}", *changes, sep="\n  ")
+    encoder, ddp = Encoder(model), None
     if world > 1:
-        encoder = nn.parallel.DistributedDataParallel(encoder, device_ids=[device.index] if device.type == "cuda" else None)
+        ids = [device.index] if device.type == "cuda" else None
+        encoder = ddp = nn.parallel.DistributedDataParallel(encoder, device_ids=ids)
     forward = torch.compile(encoder) if args.compile else encoder
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
 
@@ -348,67 +651,55 @@ def main(argv=None):
     for epoch in range(start_epoch, last_epoch):
         sampler.set_epoch(epoch)
         dataset.epoch = epoch  # workers hold a copy of the dataset: a new loader each epoch
-        loader = torch.utils.data.DataLoader(dataset, batch_size=micro * args.accum_steps, sampler=sampler, drop_last=True,
-                                             num_workers=args.workers, pin_memory=device.type == "cuda")
+        loader = torch.utils.data.DataLoader(dataset, batch_size=micro * args.accum_steps, sampler=sampler,
+                                             drop_last=True, num_workers=args.workers,
+                                             pin_memory=device.type == "cuda")
         t0, seen = time.time(), 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master, leave=False)
-        for i, (x1, x2, y) in enumerate(bar):
+        for i, batch in enumerate(bar):
             step = epoch * steps_per_epoch + i
-            lr = learning_rate(step, total_steps, int(args.warmup_epochs * steps_per_epoch), args.lr, args.min_lr)
+            warmup = int(args.warmup_epochs * steps_per_epoch)
+            lr = learning_rate(step, total_steps, warmup, args.lr, args.min_lr)
             for g in opt.param_groups:
                 g["lr"] = lr
             eta = args.eta_start + (args.eta_end - args.eta_start) * step / max(total_steps - 1, 1)
-            peira_loss.eta = 1 - (1 - eta) ** (1 / args.accum_steps)
-            x1, x2, y = (t.to(device, non_blocking=True) for t in (x1, x2, y))
-            x1, x2 = x1.contiguous(memory_format=torch.channels_last), x2.contiguous(memory_format=torch.channels_last)
-            opt.zero_grad(set_to_none=True)
-            probe_opt.zero_grad(set_to_none=True)
-            for j in range(args.accum_steps):  # micro-batch j: the images j, j + a, j + 2a, ...
-                sl = slice(j, None, args.accum_steps)
-                sync = nullcontext() if j == args.accum_steps - 1 or world == 1 else encoder.no_sync()
-                with sync, autocast:
-                    h, z = forward(x1[sl], x2[sl])
-                    loss = peira_loss(*z.chunk(2)) if args.loss == "peira" else vicreg_loss(z, world)
-                    probe_loss = F.cross_entropy(probe(h[:micro].detach().float()), y[sl])
-                    if args.loss != "peira":
-                        with torch.no_grad():
-                            peira_loss(*z.detach().float().chunk(2))
-                    ((loss + probe_loss) / args.accum_steps).backward()
-            loss_value = loss.item()
+            x1, x2, y = (t.to(device, non_blocking=True) for t in batch)
+            x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
+            loss_value, _ = train_step(forward, ddp, model, probe, peira_loss, (opt, probe_opt), (x1, x2, y),
+                                       args.loss, args.lam, eta, args.accum_steps, args.clip, world, autocast)
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"non-finite loss {loss_value} at step {step} (epoch {epoch + 1}); "
                                          f"the last good checkpoint, if any, is {ckpt_path}")
-            if args.clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            opt.step()
-            probe_opt.step()
             seen += len(x1)
             if master:
                 rate = seen / (time.time() - t0)
                 bar.set_postfix(loss=f"{loss_value:.4f}", img_s_gpu=f"{rate:.0f}")
-                with open(os.path.join(args.out, "metrics.jsonl"), "a") as fh:
-                    fh.write(json.dumps({"step": step, "epoch": epoch + 1, "loss": loss_value, "lr": lr, "eta": eta}) + "\n")
+                with open(metrics_path, "a") as fh:
+                    fh.write(json.dumps({"step": step, "epoch": epoch + 1, "loss": loss_value, "lr": lr,
+                                         "eta": eta}) + "\n")
         epoch_time = time.time() - t0
-        # online probe on the validation set, PEIRA diagnostics
-        vf, vy = backbone_features(model, val_loader, device, world)
+        # online probe on the validation set (correct counts summed over the ranks' shards)
+        vf, vy = backbone_features(model, val_loader, device)
         with torch.no_grad():
-            probe_acc = (probe(vf).argmax(1) == vy).float().mean().item()
-        n_check = peira_loss.N.clone()
+            counts = torch.tensor([(probe(vf).argmax(1) == vy).sum().item(), len(vy)], device=device)
         if world > 1:
-            dist.all_reduce(n_check, op=dist.ReduceOp.MAX)
-        assert torch.equal(n_check, peira_loss.N), "running moments differ across ranks"
+            dist.all_reduce(counts)
+        probe_acc = (counts[0] / counts[1]).item()
+        # every rank holds the same weights, probe and running moments (DDP, the probe's all-reduce)
+        check_replicas([*model.parameters(), *probe.parameters(), peira_loss.N, peira_loss.S], world,
+                       "weights or running moments")
         record = {"epoch": epoch + 1, "online_probe": probe_acc, "img_per_s_per_gpu": seen / epoch_time,
                   "epoch_time": epoch_time, **peira_loss.stats()}
         if master:
             print(f"epoch {epoch + 1}: loss {loss_value:.4f}  online probe {100 * probe_acc:.2f}%  "
                   f"objective {record['objective']:.4f}  {record['img_per_s_per_gpu']:.0f} img/s per GPU  "
                   f"{epoch_time / 60:.1f} min")
-            with open(os.path.join(args.out, "metrics.jsonl"), "a") as fh:
+            with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "probe": probe.state_dict(),
                                         "peira": peira_loss.state_dict(), "opt": opt.state_dict(),
                                         "probe_opt": probe_opt.state_dict(), "epoch": epoch + 1,
-                                        "config": vars(args)})
+                                        "config": config})
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
