@@ -103,6 +103,7 @@ def main(argv=None):
         print(f"| {r['loss']} | {r['img_per_s']:.0f} | {r['step_ms']:.1f} | {r['loss_ms']:.2f} | "
               f"{100 * r['loss_share']:.1f}% | {r['peak_gib']:.2f} | "
               f"{100 * (r['step_ms'] / ref['step_ms'] - 1):+.1f}% |")
+    return rows
 
 
 if __name__ == "__main__":

@@ -432,11 +432,15 @@ def test_every_tensor_follows_the_inputs_device_and_dtype():
 # -----------------------------------------------------------------------------
 # bench.py and requirements.txt
 
-def test_bench_rejects_an_unknown_loss(capsys):
+def test_bench_runs_every_loss_and_rejects_an_unknown_one(capsys):
     import bench
     with pytest.raises(SystemExit) as exc:
         bench.main(["--losses", "peira,simclr"])
     assert exc.value.code == 2 and "unknown 'simclr'" in capsys.readouterr().err
+    rows = bench.main(["--width", "8", "--batch-size", "4", "--proj", "16-8", "--steps", "1",
+                       "--warmup", "0"])
+    assert [r["loss"] for r in rows] == ["peira", "peira_direct", "simsiam", "vicreg"]
+    assert all(r["step_ms"] > r["loss_ms"] > 0 for r in rows)
 
 
 def test_requirements_lower_bounds_cover_the_apis_used():
@@ -781,8 +785,9 @@ def test_each_view_has_its_own_batch_norm_statistics():
 
 
 def test_train_cifar_resume_exact_after_a_corrupt_checkpoint(fake_cifar, tmp_path):
-    """Resume is exact, falls back to the previous checkpoint when the last one is damaged, and
-    results.json covers the whole run (metrics.jsonl), not the last invocation."""
+    """Resume is exact, falls back to the previous checkpoint when the last one is damaged,
+    results.json covers the whole run (metrics.jsonl), not the last invocation, and the
+    configuration is checked."""
     import json
     import numpy as np
     import train_cifar
@@ -808,16 +813,11 @@ def test_train_cifar_resume_exact_after_a_corrupt_checkpoint(fake_cifar, tmp_pat
     results = json.loads((tmp_path / "resumed" / "results.json").read_text())
     corr = np.corrcoef([r["objective"] for r in epochs], [r["knn"] for r in epochs])[0, 1]
     assert results["epochs_logged"] == 3 and abs(results["objective_knn_corr"] - corr) < 1e-12
-
-
-def test_train_cifar_resume_checks_the_configuration(fake_cifar, tmp_path):
-    import train_cifar
-    train_cifar.main(cifar_args(fake_cifar, tmp_path, "--epochs", "1"))
+    # a resume must repeat the checkpoint's settings, or name the deliberate changes
     with pytest.raises(SystemExit, match=r"(?s)loss: checkpoint 'peira', now 'vicreg'.*epochs"):
-        train_cifar.main(cifar_args(fake_cifar, tmp_path, "--epochs", "2", "--loss", "vicreg", "--resume"))
-    history = train_cifar.main(cifar_args(fake_cifar, tmp_path, "--epochs", "2", "--resume",
-                                          "--allow-change", "epochs"))
-    assert [r["epoch"] for r in history] == [1, 2]
+        train_cifar.main(resumed[:-2] + ["--epochs", "4", "--loss", "vicreg", "--resume"])
+    history = train_cifar.main(resumed[:-2] + ["--epochs", "4", "--resume", "--allow-change", "epochs"])
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
 
 
 def test_train_cifar_eval_mode(fake_cifar, tmp_path):
