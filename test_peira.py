@@ -674,11 +674,27 @@ def test_checkpoint_save_refuses_non_finite_weights_and_load_falls_back(tmp_path
         fh.truncate(100)
     assert tc.load_checkpoint(path)["epoch"] == 1
     assert "not a readable checkpoint" in capsys.readouterr().err
+    # the damaged file is moved aside: the next save keeps the good one as ckpt.pt.prev
+    tc.save_checkpoint(path, {**state, "epoch": 2})
+    assert tc.read_checkpoint(path + ".prev")["epoch"] == 1 and tc.read_checkpoint(path)["epoch"] == 2
+    assert os.path.exists(path + ".bad")
+    assert tc.load_checkpoint(path, rank=1)["epoch"] == 2
+    with open(path, "wb") as fh:  # rank 1 falls back too, but leaves the file to rank 0
+        fh.write(b"garbage")
+    assert tc.load_checkpoint(path, rank=1)["epoch"] == 1 and os.path.exists(path)
     with open(path + ".prev", "wb") as fh:
         fh.write(b"garbage")
     with pytest.raises(SystemExit, match="no readable checkpoint"):
         tc.load_checkpoint(path)
+    assert os.path.exists(path)  # nothing is moved when no checkpoint is readable
     assert tc.load_checkpoint(str(tmp_path / "none.pt")) is None
+
+
+def test_check_replicas_names_non_finite_weights():
+    import train_cifar as tc
+    tc.check_replicas([torch.ones(3), torch.zeros(2)], 1, "weights")
+    with pytest.raises(FloatingPointError, match=r"non-finite weights .*rank 0: 1 of 2"):
+        tc.check_replicas([torch.ones(3), torch.tensor([0.0, float("nan")])], 1, "weights")
 
 
 def test_resume_rules():

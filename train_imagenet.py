@@ -195,11 +195,13 @@ def train_step(forward, ddp, model, probe, peira_loss, opts, batch, loss_name, l
     form micro-batch j. SimSiam's loss is a mean over images: accumulation is exact. VICReg and
     peira_direct depend on batch statistics: a pass without gradient gives the embeddings of the
     whole batch and the gradient G of its loss, then each micro-batch back-propagates its rows of
-    G (exact; one extra forward; batch-norm buffers restored after the first pass). PEIRA: each
+    G (exact up to batch-norm statistics, which are per micro-batch; one extra forward; batch-norm
+    buffers restored after the first pass). PEIRA: each
     micro-batch is a PEIRA step with η_micro = 1 − (1 − η)^(1/a), so the running moments decay
     over the optimiser step as with the whole batch (an approximation: P, Q change between
-    micro-batches). The PEIRA monitor sees every loss's embeddings. Returns the loss value and
-    the last micro-batch's embeddings of view 1 (detached)."""
+    micro-batches). The PEIRA monitor sees every loss's embeddings. Returns the loss value (the
+    mean over the ranks: a non-finite loss on one rank stops every rank at the same step, before
+    the probe's all-reduce) and the last micro-batch's embeddings of view 1 (detached)."""
     x1, x2, y = batch
     opt, probe_opt = opts
     opt.zero_grad(set_to_none=True)
@@ -237,9 +239,13 @@ def train_step(forward, ddp, model, probe, peira_loss, opts, batch, loss_name, l
                     with torch.no_grad():
                         peira_loss(z1.detach().float(), z2.detach().float())
         (loss * (1.0 if two_pass else 1.0 / accum) + probe_loss / accum).backward()
+    total = torch.as_tensor(total, dtype=torch.float32, device=z1.device).reshape(1)
+    if world > 1:  # every rank sees the same value, so all stop or all go on to the collectives below
+        dist.all_reduce(total)
+        total /= world
     loss_value, z1 = float(total), z1.detach()
     if not math.isfinite(loss_value):
-        return loss_value, z1  # nothing is updated; the caller stops with the checkpoint's name
+        return loss_value, z1  # nothing is updated on any rank; the caller stops, naming the checkpoint
     average_gradients(probe, world)
     if clip > 0:
         nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -249,8 +255,19 @@ def train_step(forward, ddp, model, probe, peira_loss, opts, batch, loss_name, l
 
 
 def check_replicas(tensors, world, what):
-    """Stop when the ranks hold different values (a missing gradient all-reduce shows here):
-    per tensor, the float64 sum and sum of squares must agree exactly across ranks."""
+    """Stop when a rank holds non-finite values (FloatingPointError, on every rank) or when the
+    ranks hold different values (a missing gradient all-reduce shows here): per tensor, the float64
+    sum and sum of squares must agree exactly across ranks."""
+    bad = sum(int(not t.detach().isfinite().all()) for t in tensors)
+    rank = dist.get_rank() if world > 1 else 0
+    flags = torch.zeros(world, dtype=torch.float64, device=tensors[0].device)
+    flags[rank] = bad
+    if world > 1:  # collective before any raise: no rank is left waiting
+        dist.all_reduce(flags)
+    if flags.any():
+        where = ", ".join(f"rank {r}: {int(n)}" for r, n in enumerate(flags.tolist()) if n)
+        raise FloatingPointError(f"non-finite {what} (tensors with NaN or inf per rank: {where} of "
+                                 f"{len(tensors)})")
     if world == 1:
         return
     sums = torch.stack([torch.stack([t.detach().double().sum(), t.detach().double().square().sum()])
@@ -286,7 +303,10 @@ def check_resume(saved, now, allowed):
 
 def save_checkpoint(path, state):
     """Atomic save that keeps the previous checkpoint as path.prev; non-finite weights are never
-    saved (FloatingPointError, the files on disk stay as they were)."""
+    saved (FloatingPointError, the files on disk stay as they were). The new file is written and
+    synced as path.tmp before the rotation path -> path.prev, tmp -> path: a crash at any moment
+    leaves a readable path or path.prev (load_checkpoint moves a damaged path aside, so a damaged
+    file never replaces a good path.prev)."""
     bad = [f"{part}.{name}" for part, sd in state.items() if isinstance(sd, dict) for name, t in sd.items()
            if torch.is_tensor(t) and t.is_floating_point() and not t.isfinite().all()]
     if bad:
@@ -299,7 +319,7 @@ def save_checkpoint(path, state):
         os.fsync(fh.fileno())
     if os.path.exists(path):
         os.replace(path, path + ".prev")
-    os.replace(tmp, path)  # a crash at any point leaves path or path.prev intact
+    os.replace(tmp, path)
 
 
 def read_checkpoint(path):
@@ -314,9 +334,10 @@ def read_checkpoint(path):
         raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
 
 
-def load_checkpoint(path):
-    """The newest readable checkpoint of path and path.prev, or None when neither exists; a
-    damaged file is reported and the previous good one is used."""
+def load_checkpoint(path, rank=0):
+    """The newest readable checkpoint of path and path.prev, or None when neither exists. A
+    damaged path is reported, the previous good one is used, and rank 0 moves the damaged file
+    to path.bad, so that the next save keeps the good one as path.prev."""
     errors = []
     for candidate in (path, path + ".prev"):
         if os.path.exists(candidate):
@@ -329,6 +350,9 @@ def load_checkpoint(path):
             if errors:
                 print(f"resuming from the previous checkpoint {candidate} (epoch {state['epoch']})",
                       file=sys.stderr)
+                if rank == 0 and os.path.exists(path):  # other ranks that still read it fall back too
+                    os.replace(path, path + ".bad")
+                    print(f"the damaged checkpoint is kept as {path}.bad", file=sys.stderr)
             return state
     if errors:
         sys.exit("no readable checkpoint: " + "; ".join(errors))
@@ -602,7 +626,7 @@ def main(argv=None):
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     config = {**vars(args), "world_size": world}
-    ckpt = load_checkpoint(ckpt_path)  # resume after a preemption or a --stop-after
+    ckpt = load_checkpoint(ckpt_path, rank)  # resume after a preemption or a --stop-after
     changes = [] if ckpt is None else check_resume(ckpt["config"], config, args.allow_change.split(","))
     if master:
         os.makedirs(args.out, exist_ok=True)
