@@ -15,7 +15,8 @@ with the same --out resumes from its last checkpoint (preemption) when the confi
 the data order and every augmentation are functions of (seed, epoch, image index), so a resumed
 run continues exactly and ranks never share augmentations. With --accum-steps a > 1 each
 micro-batch of a PEIRA step uses η_micro = 1 − (1 − η)^(1/a), so the moments decay over an
-optimiser step as they would with the whole batch; VICReg's accumulation is exact (train_step).
+optimiser step as they would with the whole batch; VICReg's accumulation is exact up to
+batch-norm statistics, which are per micro-batch (train_step).
 """
 import argparse
 import json
@@ -519,32 +520,38 @@ def backbone_features(model, loader, device):
 
 def gather_on_rank0(f, y, rank, world):
     """The shards' features and labels in the split's order on rank 0, None on the other ranks
-    (only rank 0 holds the whole split: 1.28M × 2048 floats are 10 GB)."""
+    (only rank 0 holds the whole split: 1.28M × 2048 floats are 10 GB). Rank 0 receives one
+    shard at a time into one shard-sized buffer and fills the output from it: one copy of the
+    split, not two."""
     if world == 1:
         return f, y
     n = torch.tensor([len(f)], device=f.device)
     sizes = [torch.zeros_like(n) for _ in range(world)]
     dist.all_gather(sizes, n)
     sizes = [int(s) for s in sizes]
-    fp = torch.zeros(max(sizes), f.shape[1], device=f.device)
-    yp = torch.zeros(max(sizes), dtype=y.dtype, device=y.device)
-    fp[:len(f)], yp[:len(y)] = f, y
-    fs = [torch.empty_like(fp) for _ in range(world)] if rank == 0 else None
-    ys = [torch.empty_like(yp) for _ in range(world)] if rank == 0 else None
-    dist.gather(fp, fs, dst=0)
-    dist.gather(yp, ys, dst=0)
     if rank != 0:
+        if sizes[rank]:
+            dist.send(f.contiguous(), dst=0)
+            dist.send(y.contiguous(), dst=0)
         return None, None
-    out_f, out_y = fp.new_empty(sum(sizes), f.shape[1]), yp.new_empty(sum(sizes))
-    for r in range(world):  # rank r holds the images r, r + world, ...
-        out_f[r::world], out_y[r::world] = fs[r][:sizes[r]], ys[r][:sizes[r]]
+    out_f, out_y = f.new_empty(sum(sizes), f.shape[1]), y.new_empty(sum(sizes))
+    out_f[0::world], out_y[0::world] = f, y  # rank r holds the images r, r + world, ...
+    del f, y
+    buf_f, buf_y = out_f.new_empty(max(sizes), out_f.shape[1]), out_y.new_empty(max(sizes))
+    for r in range(1, world):
+        if sizes[r]:
+            dist.recv(buf_f[:sizes[r]], src=r)
+            dist.recv(buf_y[:sizes[r]], src=r)
+            out_f[r::world], out_y[r::world] = buf_f[:sizes[r]], buf_y[:sizes[r]]
     return out_f, out_y
 
 
 def linear_probe(train_f, train_y, val_f, val_y, classes, args):
     """Linear classifier on frozen (centre-crop) features: SGD, cosine, wd 1e-6; top-1, top-5."""
     gen = torch.Generator().manual_seed(args.seed)
-    clf = nn.Linear(train_f.shape[1], classes).to(train_f.device)
+    with torch.random.fork_rng(devices=[]):  # the same probe for the same seed, whatever ran before
+        torch.manual_seed(args.seed)
+        clf = nn.Linear(train_f.shape[1], classes).to(train_f.device)
     opt = torch.optim.SGD(clf.parameters(), lr=args.probe_lr, momentum=0.9, weight_decay=1e-6)
     steps = args.probe_epochs * math.ceil(len(train_f) / args.probe_batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -607,6 +614,11 @@ def check_args(args):
     unknown = [k for k in args.allow_change.split(",") if k and k not in vars(args) and k != "world_size"]
     if unknown:
         problems.append(f"--allow-change: unknown settings {', '.join(unknown)}")
+    try:
+        widths = [int(d) for d in args.proj.split("-")]
+        assert all(d > 0 for d in widths)
+    except (ValueError, AssertionError):
+        problems.append(f"--proj must be widths like 8192-8192-256 (got {args.proj!r})")
     if problems:
         parser.error("; ".join(problems))
 
