@@ -546,18 +546,55 @@ def _fake_cifar_download(root):
     make_fake_cifar(root, n_train=20, n_test=10)
 
 
-def _two_rank_worker(rank, world, port, folder, imagenet_eval_argv):
+def _non_finite_on_one_rank(rank, world):
+    """A NaN SimSiam loss on rank 1 only (a NaN predictor weight: the embeddings, which the PEIRA
+    monitor checks on every rank, stay finite): every rank must get the non-finite loss and skip
+    the update (with a local check rank 0 would go on into the probe's all-reduce while rank 1
+    has stopped). Then NaN weights on rank 1 only: check_replicas raises FloatingPointError on
+    both ranks."""
+    import train_cifar as tc
+    torch.manual_seed(0)
+    model, probe = TinySSL(True), nn.Linear(8, 10)
+    ddp = nn.parallel.DistributedDataParallel(model)  # broadcasts rank 0's weights
+    if rank == 1:
+        with torch.no_grad():
+            model.predictor.weight[0, 0] = float("nan")
+    before = [p.detach().clone() for p in (*model.parameters(), *probe.parameters())]
+    opts = (torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(probe.parameters(), lr=0.1))
+    batch = [t.chunk(world)[rank] for t in tiny_ssl_batches(1)[0]]
+    loss, _ = tc.train_step(ddp, ddp, model, probe, peira.PEIRALoss(6, lam=0.3, eta=0.6), opts, batch,
+                            "simsiam", 0.3, 0.6, 1, 0.0, world, nullcontext())
+    after = [p.detach() for p in (*model.parameters(), *probe.parameters())]
+    weights = [torch.ones(3), torch.tensor([float("nan") if rank == 1 else 0.0])]
+    try:
+        tc.check_replicas(weights, world, "weights")
+        error = "none"
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    unchanged = all(torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) for a, b in zip(before, after))
+    return {"loss": loss, "unchanged": unchanged, "error": error}
+
+
+def _two_rank_worker(rank, world, port, folder, imagenet_eval_argv, cifar_eval_argv):
     """The spawned tests in one pair of processes (spawning costs seconds): rank-0 download,
-    training steps of every loss, ImageNet --eval."""
+    training steps of every loss, a non-finite value on one rank, CIFAR and ImageNet --eval. A
+    collective that one rank never joins fails after 60 s instead of hanging."""
+    import datetime
     import train_cifar as tc
     import train_imagenet as ti
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
     tc.download_cifar = _fake_cifar_download
     out = {"train_x": tc.load_splits(os.path.join(folder, "data"), 0, rank, world)[0]}
     out.update({f"{loss}/{accum}": tiny_ssl_run(loss, tiny_ssl_batches(), accum, world, rank)
                 for loss, accum in DDP_CASES})
+    out["non_finite"] = _non_finite_on_one_rank(rank, world)
+    idx = torch.arange(rank, 5, world)  # 5 items over 2 ranks: rank r holds r, r + 2, ...
+    out["gather"] = ti.gather_on_rank0(idx[:, None] * torch.ones(1, 3), idx, rank, world)
+    args = tc.parser.parse_args(cifar_eval_argv)
+    tc.check_args(args)
+    out["cifar_eval"] = tc.evaluate_checkpoint(args, rank, world, torch.device("cpu"))
     args = ti.parser.parse_args(imagenet_eval_argv)
     ti.check_args(args)
     out["imagenet_eval"] = ti.evaluate_checkpoint(args, ti.check_layout(args.data), rank, world,
@@ -567,7 +604,8 @@ def _two_rank_worker(rank, world, port, folder, imagenet_eval_argv):
 
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory, tiny_imagefolder):
-    """(per-rank results, download log, the ImageNet --eval command line)."""
+    """(per-rank results, download log, the ImageNet --eval command line, the CIFAR one)."""
+    import train_cifar as tc
     import train_imagenet as ti
     folder = tmp_path_factory.mktemp("two_ranks")
     (folder / "data_log").mkdir()
@@ -577,9 +615,13 @@ def two_rank_results(tmp_path_factory, tiny_imagefolder):
     ti.save_checkpoint(str(folder / "in1k.pt"), {**empty, **state})
     argv = imagenet_args(tiny_imagefolder, folder, "--eval", str(folder / "in1k.pt"), "--probe-epochs", "10",
                          "--probe-batch", "8")
-    mp.spawn(_two_rank_worker, args=(2, free_port(), str(folder), argv), nprocs=2, join=True)
+    config = {"loss": "peira", "width": 4, "proj": "16-8", "subset": 0}
+    state = {"model": tc.SSLModel("peira", 4, [16, 8]).state_dict(), "epoch": 0, "config": config}
+    tc.save_checkpoint(str(folder / "cifar.pt"), {**empty, **state})
+    cifar_argv = ["--data", str(folder / "data"), "--eval", str(folder / "cifar.pt"), "--probe-epochs", "20"]
+    mp.spawn(_two_rank_worker, args=(2, free_port(), str(folder), argv, cifar_argv), nprocs=2, join=True)
     ranks = [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    return ranks, sorted(p.name for p in (folder / "data_log").iterdir()), argv
+    return ranks, sorted(p.name for p in (folder / "data_log").iterdir()), argv, cifar_argv
 
 
 def test_two_ranks_train_as_one_process_on_the_concatenated_batch(two_rank_results):
@@ -600,6 +642,17 @@ def test_two_ranks_train_as_one_process_on_the_concatenated_batch(two_rank_resul
     half = tiny_ssl_run("peira_direct", [[t[:8] for t in b] for b in tiny_ssl_batches()])
     both = ranks[0]["peira_direct/1"]["model"]
     assert max((a - b).abs().max().item() for a, b in zip(half["model"], both)) > 1e-3
+
+
+def test_a_non_finite_value_on_one_rank_stops_every_rank(two_rank_results):
+    """NaN on rank 1 only: both ranks get the non-finite loss at the same step and update nothing
+    (the loss is all-reduced before the check), and NaN weights on rank 1 only give both ranks a
+    FloatingPointError naming the rank, not "weights differ across ranks"."""
+    for r in two_rank_results[0]:
+        result = r["non_finite"]
+        assert math.isnan(result["loss"]) and result["unchanged"], result
+        assert result["error"].startswith("FloatingPointError: non-finite weights"), result
+        assert "rank 1: 1 of 2" in result["error"] and "rank 0" not in result["error"], result
 
 
 def test_gradient_accumulation_vicreg_exact_peira_as_documented():
@@ -844,6 +897,31 @@ def test_train_cifar_eval_mode(fake_cifar, tmp_path):
     assert res["linear_top1"] > 0.3 and res["epoch"] == 1  # chance: 10%
 
 
+def test_train_cifar_eval_on_two_ranks_probes_on_rank_0(two_rank_results):
+    """--eval under torchrun: the ranks share the features (rank 0 alone downloads, see
+    test_only_rank_0_downloads_cifar), rank 0 alone trains the probe, with one process's result."""
+    import train_cifar as tc
+    ranks, _, _, argv = two_rank_results
+    assert ranks[1]["cifar_eval"] is None
+    assert ranks[0]["cifar_eval"] == tc.main(argv)
+
+
+def test_cifar_views_do_not_depend_on_the_number_of_loader_workers():
+    """Each image's views are seeded by (seed, epoch, index), not by the loader workers' seeds:
+    0 and 2 workers give the same batches (so --workers may change on --resume); another epoch
+    gives other views."""
+    import train_cifar as tc
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8, generator=g)
+    dataset = tc.TwoViews(images, torch.arange(24) % 10, seed=3)
+
+    def views(epoch, workers):
+        return [t for batch in tc.epoch_loader(dataset, epoch, 8, 0, 1, workers, False) for t in batch]
+    a, b = views(1, 0), views(1, 2)
+    assert len(a) == len(b) == 9 and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], views(2, 0)[0])
+
+
 def test_train_cifar_two_processes(fake_cifar, tmp_path):
     """torchrun, gloo: the script itself checks at every epoch that both ranks hold identical
     weights, online probe and running moments (it stops otherwise)."""
@@ -864,7 +942,7 @@ def test_train_cifar_two_processes(fake_cifar, tmp_path):
 def test_only_rank_0_downloads_cifar(two_rank_results):
     """Under torchrun rank 0 alone downloads CIFAR-10 (the download is faked); rank 1 waits and
     reads the same images."""
-    ranks, downloads, _ = two_rank_results
+    ranks, downloads = two_rank_results[:2]
     assert downloads == ["download0"]
     a, b = ranks[0]["train_x"], ranks[1]["train_x"]
     assert a.shape == (20, 3, 32, 32) and torch.equal(a, b)
@@ -981,7 +1059,10 @@ def test_train_imagenet_eval_on_two_ranks_keeps_the_features_on_rank_0(two_rank_
     """2 ranks: rank 0 alone gathers the 16 training features (not every rank: 10 GB each on
     ImageNet) and trains the probe; its result is that of one process."""
     import train_imagenet as ti
-    ranks, _, argv = two_rank_results
+    ranks, _, argv, _ = two_rank_results
+    assert ranks[1]["gather"] == (None, None)
+    features, labels = ranks[0]["gather"]  # uneven shards back in the split's order
+    assert torch.equal(labels, torch.arange(5)) and torch.equal(features, torch.arange(5.0)[:, None].expand(5, 3))
     assert ranks[1]["imagenet_eval"] is None and ranks[0]["imagenet_eval"]["train_features"] == 16
     single = ti.main(argv)
     assert ranks[0]["imagenet_eval"] == single

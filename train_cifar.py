@@ -469,15 +469,36 @@ def ssl_augment():
 
 
 class TwoViews(torch.utils.data.Dataset):
-    def __init__(self, images, labels):
+    """Two augmented views of each image. The random stream of image i in epoch e is seeded by
+    (seed, e, i), whichever rank or loader worker draws it: the views do not depend on --workers."""
+
+    def __init__(self, images, labels, seed):
         self.images, self.labels, self.augment = images, labels, ssl_augment()
+        self.seed, self.epoch = seed, 0
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, i):
         img = self.images[i]
+        torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 100_000_007 + i)
         return self.augment(img), self.augment(img), self.labels[i]
+
+
+def epoch_loader(dataset, epoch, local_batch, rank, world, workers, pin_memory):
+    """The loader of one epoch: its order is a function of (seed, epoch, rank), each item's views of
+    (seed, epoch, index) (TwoViews), so a resumed run continues exactly with any --workers."""
+    dataset.epoch = epoch  # workers hold a copy of the dataset: a new loader each epoch
+    gen = torch.Generator().manual_seed(dataset.seed * 100_003 + epoch * 1009 + rank)
+    sampler = None
+    if world > 1:
+        sampler = torch.utils.data.distributed.DistributedSampler(dataset, world, rank, seed=dataset.seed,
+                                                                  drop_last=True)
+        sampler.set_epoch(epoch)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=local_batch, shuffle=sampler is None, sampler=sampler, drop_last=True,
+        num_workers=workers, pin_memory=pin_memory, generator=gen, persistent_workers=False,
+        prefetch_factor=4 if workers else None)
 
 
 def normalize_clean(images, device):
@@ -602,7 +623,9 @@ def sharded_features(backbone, images, device, rank, world):
 def linear_probe(train_x, train_y, test_x, test_y, epochs, seed, batch=1024):
     """Offline linear probe on frozen features: SGD, momentum 0.9, cosine lr; top-1 / top-5."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    clf = nn.Linear(train_x.shape[1], 10).to(train_x.device)
+    with torch.random.fork_rng(devices=[]):  # the same probe for the same seed, whatever ran before
+        torch.manual_seed(seed)
+        clf = nn.Linear(train_x.shape[1], 10).to(train_x.device)
     opt = torch.optim.SGD(clf.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-6)
     steps = epochs * math.ceil(len(train_x) / batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -621,7 +644,10 @@ def linear_probe(train_x, train_y, test_x, test_y, epochs, seed, batch=1024):
     return top1, (top5 == test_y[:, None]).any(1).float().mean().item()
 
 
-def evaluate_checkpoint(args, device):
+def evaluate_checkpoint(args, rank, world, device):
+    """Offline linear probe and kNN of a checkpoint. Under torchrun rank 0 alone downloads CIFAR-10,
+    each rank computes a shard of the features, and rank 0 alone trains and evaluates the probe;
+    the other ranks return None (the caller ends the process group)."""
     try:
         ckpt = read_checkpoint(args.eval)
     except ValueError as e:
@@ -629,9 +655,11 @@ def evaluate_checkpoint(args, device):
     cfg = ckpt["config"]
     model = SSLModel(cfg["loss"], cfg["width"], [int(d) for d in cfg["proj"].split("-")]).to(device)
     model.load_state_dict(ckpt["model"])
-    train_x, train_y, test_x, test_y = load_splits(args.data, cfg["subset"])
-    ftr = F.normalize(features(model.backbone, train_x, device), dim=1)
-    fte = F.normalize(features(model.backbone, test_x, device), dim=1)
+    train_x, train_y, test_x, test_y = load_splits(args.data, cfg["subset"], rank, world)
+    ftr = F.normalize(sharded_features(model.backbone, train_x, device, rank, world), dim=1)
+    fte = F.normalize(sharded_features(model.backbone, test_x, device, rank, world), dim=1)
+    if rank != 0:
+        return None
     top1, top5 = linear_probe(ftr, train_y.to(device), fte, test_y.to(device), args.probe_epochs, args.seed)
     knn = knn_accuracy(ftr, train_y.to(device), fte, test_y.to(device))
     print(f"{args.eval} (epoch {ckpt['epoch']}): linear probe top-1 {100 * top1:.2f}%, "
@@ -680,7 +708,10 @@ def main(argv=None):
     rank, world, device = setup_distributed()
     master = rank == 0
     if args.eval:
-        return evaluate_checkpoint(args, device)
+        result = evaluate_checkpoint(args, rank, world, device)
+        if world > 1:
+            dist.destroy_process_group()
+        return result
     if args.batch_size % world:
         parser.error(f"--batch-size {args.batch_size} is not divisible by {world} ranks")
     ckpt_path = os.path.join(args.out, "ckpt.pt")
@@ -703,7 +734,7 @@ def main(argv=None):
 
     # data
     train_x, train_y, test_x, test_y = load_splits(args.data, args.subset, rank, world)
-    dataset = TwoViews(train_x, train_y)
+    dataset = TwoViews(train_x, train_y, args.seed)
     local_batch = args.batch_size // world
     steps_per_epoch = len(dataset) // args.batch_size
     if steps_per_epoch == 0:
@@ -737,18 +768,9 @@ def main(argv=None):
     history = []
     last_epoch = min(args.epochs, start_epoch + args.stop_after) if args.stop_after else args.epochs
     for epoch in range(start_epoch, last_epoch):
-        # the epoch's order and augmentations are functions of (seed, epoch, rank): resume is exact
-        gen = torch.Generator().manual_seed(args.seed * 100_003 + epoch * 1009 + rank)
+        # the epoch's order and augmentations are functions of (seed, epoch, rank, index): resume is exact
         torch.manual_seed(args.seed * 100_003 + epoch * 1009 + rank)
-        sampler = None
-        if world > 1:
-            sampler = torch.utils.data.distributed.DistributedSampler(dataset, world, rank, seed=args.seed,
-                                                                      drop_last=True)
-            sampler.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=local_batch, shuffle=sampler is None, sampler=sampler, drop_last=True,
-            num_workers=args.workers, pin_memory=device.type == "cuda", generator=gen,
-            persistent_workers=False, prefetch_factor=4 if args.workers else None)
+        loader = epoch_loader(dataset, epoch, local_batch, rank, world, args.workers, device.type == "cuda")
         t0, seen = time.time(), 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master, leave=False)
         for i, batch in enumerate(bar):
