@@ -1,15 +1,20 @@
 """Plan in a world model's latent space on Two Rooms: success rates of every model, side by side
-with a random policy and a shortest-path oracle, on the same seeded start/goal pairs.
+with a random policy, a shortest-path oracle and the planner driven by the true dynamics, on the
+same seeded start/goal pairs (always in different rooms, as in PLDM's evaluation).
 
-    python plan.py                              # every <loss>.pt in out/two_rooms, 100 episodes
+    python plan.py                              # every <model>.pt in out/two_rooms, 100 episodes
     python plan.py --models out/two_rooms/peira.pt --episodes 20
     python plan.py --seed 500                   # validation pairs: tune here, report --seed 1000
 
-Planner: the cross-entropy method over sequences of the four actions (--samples sequences,
---iters iterations, --elites best kept, --horizon steps), cost Σ_t ‖ẑ_t − z_goal‖² of the GRU's
-predicted embeddings against the goal image's embedding; receding horizon (replan every step, do
-the first action of the best sequence). All episodes are planned as one batch.
-Writes --out/plan.json and --out/trajectories.png.
+Planner (model-predictive control by random shooting): every step, --samples piecewise-constant
+sequences of the four actions (--segments constant pieces over --horizon steps) and the previous
+best plan are rolled out in the model; a sequence costs the smallest latent distance
+‖ẑ_t − z_goal‖ it reaches, relative to the current one, plus --time-cost per step to get there;
+the first action of the cheapest is taken. The row "true dynamics + planner, position cost" runs the
+same planner on the real dynamics with the wall-blind distance of positions, the ideal of a latent
+that encodes position: its success is the planner's ceiling, so a reader can tell planner from
+model. All episodes are planned as one batch. Writes --out/plan.json, --out/trajectories.png and
+--out/distance_maps.png (each model's latent distance to one goal over the arena).
 """
 import argparse
 import glob
@@ -25,46 +30,93 @@ from tqdm import tqdm
 import two_rooms as tr
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-parser.add_argument("--models", default="out/two_rooms", help="a folder of <loss>.pt, or comma-separated files")
+parser.add_argument("--models", default="out/two_rooms",
+                    help="a folder of <model>.pt, or comma-separated files")
 parser.add_argument("--out", default="out/plan")
 parser.add_argument("--episodes", type=int, default=100)
 parser.add_argument("--seed", type=int, default=1000, help="start/goal pairs (training used 0; tune on 500)")
-parser.add_argument("--horizon", type=int, default=16, help="planning horizon (actions)")
-parser.add_argument("--samples", type=int, default=128, help="CEM sequences per iteration")
-parser.add_argument("--elites", type=int, default=16)
-parser.add_argument("--iters", type=int, default=2)
+parser.add_argument("--horizon", type=int, default=64, help="planning horizon (actions)")
+parser.add_argument("--samples", type=int, default=256, help="action sequences scored per step")
+parser.add_argument("--segments", type=int, default=3, help="constant-action segments per sequence")
+parser.add_argument("--replan", type=int, default=1, help="plan every this many steps")
+parser.add_argument("--time-cost", type=float, default=0.003,
+                    help="cost per step of the plan, relative to the current distance to the goal")
+parser.add_argument("--cost", default="latent", choices=("latent", "regressed"),
+                    help="PEIRA's cost: ‖ẑ − z_goal‖ or ‖Pẑ − z_goal‖ with its regressor P")
 
 
-def cem(cost_fn, episodes, args, gen):
-    """First action of the best sequence for each episode; cost_fn(actions (E, S, H)) → (E, S)."""
-    probs = torch.full((episodes, args.horizon, 4), 0.25)
-    for _ in range(args.iters):
-        seq = torch.multinomial(probs.reshape(-1, 4), args.samples, replacement=True, generator=gen)
-        seq = seq.reshape(episodes, args.horizon, args.samples).transpose(1, 2)      # (E, S, H)
-        cost = cost_fn(seq)
-        elite = seq.gather(1, cost.topk(args.elites, dim=1, largest=False).indices[..., None].expand(-1, -1, args.horizon))
-        probs = 0.5 * probs + 0.5 * F.one_hot(elite, 4).float().mean(1)
-    return elite[:, 0, 0]
+def segment_sequences(episodes, samples, horizon, segments, gen):
+    """Random piecewise-constant action sequences (E, S, H): each holds `segments` directions
+    between random cut points, so that a few samples cover long detours (around a wall, through a
+    door) that i.i.d. actions almost never draw."""
+    directions = torch.randint(0, 4, (episodes, samples, segments), generator=gen)
+    cuts = torch.randint(0, horizon + 1, (episodes, samples, segments - 1), generator=gen).sort(-1).values
+    segment = (torch.arange(horizon)[:, None] >= cuts[..., None, :]).sum(-1)      # (E, S, H)
+    return directions.gather(-1, segment)
 
 
-def latent_cost(model, pos, goal_z, res):  # goal_z: (E, D), one row per planned episode
-    """Running cost of action sequences in the model: Σ_t ‖ẑ_t − z_goal‖²."""
-    with torch.no_grad():
-        z0 = model.encode(tr.render(pos, res))
+class Planner:
+    """Model-predictive control by random shooting: every --replan steps, score --samples
+    piecewise-constant sequences plus the previous best one (shifted to now), and follow the best.
+    A sequence's cost is the smallest predicted distance to the goal along it, relative to the
+    current one, plus --time-cost per step taken to get there: a minimum, not a sum, so that a
+    detour through the door is not outweighed by the steps spent walking away from the goal.
+    distances(pos, episodes, seq) → ((E, S, H) predicted distances to the goal after each action,
+    (E,) the current distances)."""
 
-    def cost(seq):
-        e, s, h = seq.shape
-        with torch.no_grad():
-            pred = model.rollout(z0.repeat_interleave(s, 0), seq.reshape(e * s, h))
-        return (pred - goal_z.repeat_interleave(s, 0)[:, None]).square().sum(-1).sum(-1).reshape(e, s)
-    return cost
+    def __init__(self, distances, episodes, args, gen):
+        self.distances, self.args, self.gen = distances, args, gen
+        self.best = torch.zeros(episodes, args.horizon, dtype=torch.long)
+        self.age = torch.full((episodes,), -1)  # steps since the last plan; −1: none yet
+
+    def plan(self, pos, episodes):
+        a = self.args
+        seq = segment_sequences(len(pos), a.samples + 1, a.horizon, a.segments, self.gen)
+        age = self.age[episodes]
+        shift = (torch.arange(a.horizon) + age[:, None]).clamp(0, a.horizon - 1)
+        seq[:, 0] = torch.where(age[:, None] >= 0, self.best[episodes].gather(1, shift), seq[:, 0])
+        d, now = self.distances(pos, episodes, seq)
+        steps = torch.arange(1, a.horizon + 1, dtype=d.dtype)
+        cost = (d / now[:, None, None].clamp_min(1e-8) + a.time_cost * steps).amin(-1)   # (E, S)
+        self.best[episodes] = seq[torch.arange(len(pos)), cost.argmin(1)]
+        self.age[episodes] = 0
+
+    def __call__(self, pos, episodes):
+        due = (self.age[episodes] < 0) | (self.age[episodes] >= self.args.replan)
+        if due.any():
+            self.plan(pos[due], episodes[due])
+        action = self.best[episodes, self.age[episodes]]
+        self.age[episodes] += 1
+        return action
 
 
-def planner(model, goals, args, gen):
-    """A policy that plans with the model towards the goal images' embeddings."""
+def true_distances(goals):
+    """The planner's ideal model: the true dynamics and the wall-blind distance of positions."""
+    def distances(pos, episodes, seq):
+        p, out = pos[:, None].expand(-1, seq.shape[1], -1), []
+        for t in range(seq.shape[2]):
+            p = tr.move(p, seq[:, :, t])
+            out.append((p - goals[episodes, None]).norm(dim=-1))
+        return torch.stack(out, -1), (pos - goals[episodes]).norm(dim=-1)
+    return distances
+
+
+def latent_distances(model, goals, regressor=None):
+    """Distances ‖ẑ_t − z_goal‖ of the model's open-loop predictions to the goal image's embedding
+    (of Pẑ_t, PEIRA's regression of the target embedding, when a regressor P is given)."""
     with torch.no_grad():
         goal_z = model.encode(tr.render(goals, model.res))
-    return lambda pos, episodes: cem(latent_cost(model, pos, goal_z[episodes], model.res), len(pos), args, gen)
+
+    @torch.no_grad()
+    def distances(pos, episodes, seq):
+        e, s, h = seq.shape
+        z0 = model.encode(tr.render(pos, model.res))
+        pred = model.rollout(z0.repeat_interleave(s, 0), seq.reshape(e * s, h)).reshape(e, s, h, -1)
+        if regressor is not None:
+            pred = pred @ regressor.T
+        goal = goal_z[episodes]
+        return (pred - goal[:, None, None]).norm(dim=-1), (z0 - goal).norm(dim=-1)
+    return distances
 
 
 LATTICE = 32  # an episode's positions are start + STEP·(i, j), |i|, |j| ≤ LATTICE covers the arena
@@ -102,17 +154,6 @@ class DistanceField:
         ij = ((pos - self.starts[episodes].view(-1, *extra, 2)) / tr.STEP).round().long() + LATTICE
         e = episodes.view(-1, *extra).expand(ij.shape[:-1])
         return self.D[e, ij[..., 0].clamp(0, 2 * LATTICE), ij[..., 1].clamp(0, 2 * LATTICE)]
-
-
-def true_cost(field, pos, episodes):
-    """The planner's cost with the true dynamics: Σ_t steps-to-go (the oracle's model)."""
-    def cost(seq):
-        p, total = pos[:, None].expand(-1, seq.shape[1], -1), 0
-        for t in range(seq.shape[2]):
-            p = tr.move(p, seq[:, :, t])
-            total = total + field(p, episodes).clamp(max=10 * tr.MAX_STEPS)
-        return total
-    return cost
 
 
 def oracle_action(field, pos, episodes):
@@ -158,10 +199,15 @@ def load_models(spec):
         raise SystemExit(f"no world models at {spec}: train them with `python two_rooms.py` first")
     models = {}
     for p in paths:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-        model = tr.WorldModel(ckpt["config"]["res"], ckpt["config"]["latent"])
-        model.load_state_dict(ckpt["model"])
-        models[ckpt["config"]["loss"]] = model.eval()
+        try:
+            ckpt = torch.load(p, map_location="cpu", weights_only=True)
+            config = ckpt["config"]
+            model = tr.WorldModel(config["res"], config["latent"], config["predictor"])
+            model.load_state_dict(ckpt["model"])
+        except (RuntimeError, KeyError, EOFError) as err:
+            raise SystemExit(f"{p} is not a world model of this two_rooms.py ({type(err).__name__}: {err}); "
+                             "train it again with `python two_rooms.py`")
+        models[config["label"]] = (model.eval(), ckpt["regressor"])
     return models
 
 
@@ -183,10 +229,43 @@ def figure(paths, starts, goals, out, res=64):
     plt.close(fig)
 
 
+@torch.no_grad()
+def distance_maps(models, goal, out):
+    """Why a model succeeds or fails: over the arena, the true number of steps to one goal, and each
+    model's latent distance ‖z(x) − z_goal‖ to it. A map a planner can follow rises away from the goal
+    along the path through the door; one that rises straight across the wall leads into the wall."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    field = DistanceField(goal[None], goal[None])  # the lattice goal + STEP·(i, j) covers the arena
+    offs = torch.arange(-LATTICE, LATTICE + 1) * tr.STEP
+    grid = goal + torch.stack(torch.meshgrid(offs, offs, indexing="xy"), -1)       # (2L+1, 2L+1, 2)
+    ok = tr.free(grid)
+    maps = {"true steps to the goal": field(grid[None], torch.tensor([0]))[0]}
+    for name, (model, _) in models.items():
+        z = model.encode(tr.render(grid.reshape(-1, 2), model.res))
+        z_goal = model.encode(tr.render(goal[None], model.res))
+        maps[f"{name}: ‖z − z_goal‖"] = (z - z_goal).norm(dim=-1).reshape(ok.shape)
+    fig, axes = plt.subplots(1, len(maps), figsize=(3.3 * len(maps), 3.4))
+    extent = (grid[0, 0, 0] - 1, grid[0, -1, 0] + 1, grid[-1, 0, 1] + 1, grid[0, 0, 1] - 1)
+    for ax, (title, m) in zip(axes, maps.items()):
+        ax.imshow(torch.where(ok, m, float("nan")), extent=extent, cmap="viridis")
+        walls = tr.wall_image(64)
+        ax.imshow(walls, cmap="Greys", alpha=0.5 * walls.numpy(), extent=(0, tr.ARENA, tr.ARENA, 0))
+        ax.plot(*goal, "r*", ms=10)
+        ax.set(xlim=(0, tr.ARENA), ylim=(tr.ARENA, 0), xticks=[], yticks=[])
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "distance_maps.png"), dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None):
     args = parser.parse_args(argv)
-    if args.episodes < 1 or args.elites > args.samples or args.horizon < 1:
-        parser.error("need --episodes ≥ 1, --elites ≤ --samples, --horizon ≥ 1")
+    if min(args.episodes, args.samples, args.segments, args.replan) < 1 or args.time_cost < 0:
+        parser.error("need --episodes, --samples, --segments, --replan ≥ 1 and --time-cost ≥ 0")
+    if not args.replan <= args.horizon:
+        parser.error("need --replan ≤ --horizon")
     models = load_models(args.models)
     os.makedirs(args.out, exist_ok=True)
     starts, goals = tr.start_goal_pairs(args.episodes, args.seed)
@@ -194,8 +273,10 @@ def main(argv=None):
     field = DistanceField(starts, goals)
     policies = {"oracle (shortest path)": lambda pos, episodes: oracle_action(field, pos, episodes),
                 "random": lambda pos, episodes: torch.randint(0, 4, (len(pos),), generator=gen)}
-    for name, model in models.items():
-        policies[f"{name} + CEM"] = planner(model, goals, args, gen)
+    policies["true dynamics + planner, position cost"] = Planner(true_distances(goals), len(goals), args, gen)
+    for name, (model, regressor) in models.items():
+        distances = latent_distances(model, goals, regressor if args.cost == "regressed" else None)
+        policies[f"{name} + planner"] = Planner(distances, len(goals), args, gen)
     rows, paths = [], {}
     for name, policy in tqdm(policies.items(), desc="methods", leave=False):
         success, steps, path, per_step = run_episodes(policy, starts, goals)
@@ -210,11 +291,13 @@ def main(argv=None):
     print("| method | success | 95% CI | mean steps (successes) | planning ms/step |\n|---|---|---|---|---|")
     for r in rows:
         steps = "—" if r["mean_steps"] is None else f"{r['mean_steps']:.0f}"
-        print(f"| {r['method']} | {100 * r['success']:.0f}% | {100 * r['ci95'][0]:.0f}–{100 * r['ci95'][1]:.0f}% | "
+        lo, hi = (100 * x for x in r["ci95"])
+        print(f"| {r['method']} | {100 * r['success']:.0f}% | {lo:.0f}–{hi:.0f}% | "
               f"{steps} | {r['plan_ms_per_step']:.1f} |")
     with open(os.path.join(args.out, "plan.json"), "w") as fh:
         json.dump({"config": vars(args), "rows": rows}, fh, indent=1)
     figure(paths, starts, goals, args.out)
+    distance_maps(models, goals[0], args.out)
     return rows
 
 
