@@ -24,7 +24,6 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import two_rooms as tr

@@ -481,11 +481,15 @@ def main(argv=None):
     rows = []
     for name in losses:
         _, history, seconds = train(name, args, pos, actions, held_out, device)
-        rows.append((name, history[-1]["loss"], seconds))
-        print(f"{name}: final loss {history[-1]['loss']:.4f}, {seconds:.0f} s")
-    print("\n| objective | final loss | training time (s) |\n|---|---|---|")
-    for name, loss, seconds in rows:
-        print(f"| {name} | {loss:.4f} | {seconds:.0f} |")
+        last = history[-1]
+        rows.append((last["model"], last["loss"], last["prediction_error"]["raw"], seconds))
+        print(f"{last['model']}: final loss {last['loss']:.4f}, {seconds:.0f} s")
+    horizons = " | ".join(f"error h={h}" for h in rows[0][2])
+    print(f"\n| model | final loss | {horizons} | training time (s) |")
+    print("|---" * (len(rows[0][2]) + 3) + "|")
+    for label, loss, error, seconds in rows:
+        errors = " | ".join(f"{e:.2f}" for e in error.values())
+        print(f"| {label} | {loss:.4f} | {errors} | {seconds:.0f} |")
 
 
 if __name__ == "__main__":
