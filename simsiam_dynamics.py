@@ -1,10 +1,12 @@
-"""The seed's theorems, verified numerically: SimSiam-like dynamics and PEIRA in function space.
+"""The talk's theorems, verified numerically: SimSiam-like dynamics and PEIRA in function space.
+The talk: M. Arbel, with B. Terver and J. Ponce, "Learning Predictive Embeddings through Inter-View
+Regressor Alignment", CILVR seminar, NYU, 2026.
 
     python simsiam_dynamics.py                       # everything, about a minute on 2 CPU cores
     python simsiam_dynamics.py --only 2 --lam 0.02   # one section, another regularisation
     python simsiam_dynamics.py --n 12 --k 5 --seed 3 --starts 64
 
-Sections (each a group of rows in the final table; see DESIGN.md §2):
+Sections (each a group of rows in the final table):
   1. Linear encoder, optimal predictor (Tang et al. 2023): orthogonality is conserved, the trace
      objective −½Tr((UΣyxUᵀ)²) decreases, limits span eigen-subspaces of Σyx.
   2. SimSiam-like dynamics in function space (V = U, optimal ridge predictor, gradient through the
@@ -272,7 +274,7 @@ def section_simsiam(args):
         row(2, "limits select the top r directions (fraction of starts)", 1.0,
             is_top.double().mean().item(), 1 - is_top.double().mean().item(), 0.0),
         row(2, "amplitudes = f(s,λ) = (s+√(s²−4λ))/2: max error", 0.0, amp_err, amp_err, 1e-6),
-        row(2, "amplitudes = f(s,λ)/√2 (the slide's factor): max error", 0.0, amp_err_sqrt2, None, None),
+        row(2, "amplitudes = f(s,λ)/√2 (the talk's factor): max error", 0.0, amp_err_sqrt2, None, None),
         row(2, "q_i orthonormal: max off-diagonal of CCᵀ", 0.0, off, off, 1e-6),
         row(2, "Tr(P*) = Σ_{i≤r} s_i f²/(f²+λ): max error", 0.0, trace_err, trace_err, 1e-6),
         row(2, f"collapse fraction (k={k}, λ={lam:g}, {admissible} admissible)", None, collapse, None, None),
