@@ -1,14 +1,16 @@
 """The talk's theorems, verified numerically: SimSiam-like dynamics and PEIRA in function space.
 The talk: M. Arbel, with B. Terver and J. Ponce, "Learning Predictive Embeddings through Inter-View
-Regressor Alignment", CILVR seminar, NYU, 2026.
+Regressor Alignment", CILVR seminar, NYU, 21 April 2026.
 
+    python simsiam_dynamics.py --only 4 5            # two MLPs find the Hermite functions, ~30 s
     python simsiam_dynamics.py                       # everything, about a minute on 2 CPU cores
     python simsiam_dynamics.py --only 2 --lam 0.02   # one section, another regularisation
     python simsiam_dynamics.py --n 12 --k 5 --seed 3 --starts 64
 
 Sections (each a group of rows in the final table):
-  1. Linear encoder, optimal predictor (Tang et al. 2023): orthogonality is conserved, the trace
-     objective −½Tr((UΣyxUᵀ)²) decreases, limits span eigen-subspaces of Σyx.
+  1. Linear encoder, optimal predictor (Y. Tang et al., "Understanding Self-Predictive Learning for
+     Reinforcement Learning", ICML 2023): orthogonality is conserved, the trace objective
+     −½Tr((UΣyxUᵀ)²) decreases, limits span eigen-subspaces of Σyx.
   2. SimSiam-like dynamics in function space (V = U, optimal ridge predictor, gradient through the
      online branch) on discrete distributions, where an encoder is a table and the ODE is exact:
      convergence, the Lyapunov function F, amplitudes f(s, λ) of the limits, collapse frequency.
@@ -20,13 +22,17 @@ Sections (each a group of rows in the final table):
   5. Along that training, the PEIRA objective against the alignment with the canonical subspace.
 
 ODEs are integrated with an adaptive Dormand–Prince 5(4) scheme (rtol 1e-10) until the velocity
-is below 1e-9. Writes results.json, table.txt and figures into --out.
+is below 1e-9. Writes results.json, table.txt and the figures lyapunov.png (section 2),
+collapse.png (2, 3), amplitudes.png (2, 3, 4) and objective_vs_alignment.png (5) into --out.
 """
 import argparse
+import functools
 import json
 import math
 import os
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import matplotlib
 matplotlib.use("Agg")
@@ -38,7 +44,7 @@ from tqdm import tqdm
 import peira
 
 # -----------------------------------------------------------------------------
-# hyperparameters
+# settings
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--n", type=int, default=8, help="number of values of x and y (tables)")
@@ -46,7 +52,8 @@ parser.add_argument("--k", type=int, default=4, help="embedding dimension")
 parser.add_argument("--lam", type=float, default=0.04, help="regularisation λ (sections 1-3)")
 parser.add_argument("--seed", type=int, default=0, help="seed of distributions and starts")
 parser.add_argument("--starts", type=int, default=32, help="random initialisations per setting")
-parser.add_argument("--only", type=int, choices=[1, 2, 3, 4, 5], help="run one section")
+parser.add_argument("--only", type=int, nargs="+", choices=[1, 2, 3, 4, 5], metavar="SECTION",
+                    help="run these sections only (1 to 5; 4 and 5 share one training run)")
 parser.add_argument("--out", default="out/simsiam_dynamics", help="output folder")
 
 INIT_STD = 0.5                   # std of the random table entries at the start
@@ -55,7 +62,7 @@ VEL_TOL = 1e-9                   # an ODE has converged when max ‖dU/dt‖ is 
 T_MAX = 2e4                      # ... or at this time
 T_SHOW = 100.0                   # horizon of the runs that show what changes outside a theorem
 RTOL, ATOL = 1e-10, 1e-12        # Dormand–Prince error tolerances
-RHO = 0.8                        # correlation of the Gaussian pair (section 4)
+RHO = 0.8                        # correlation of the Gaussian pair (sections 4, 5)
 NN_K, NN_LAM = 3, 0.3            # section 4's k and λ: the amplitudes' curvature is 4λ/√s, so a small
                                  # λ leaves them slow to settle; a small MLP picks up the cubic He_3
                                  # (a 4th direction) in some runs only, within a CPU minute
@@ -65,15 +72,111 @@ BETA = 2.0                       # sharpness of p(x|z) in the latent-mixture dis
 
 
 # -----------------------------------------------------------------------------
-# distributions and the integrator
+# what every section returns: rows of the final table, results, figures
+
+@dataclass
+class Row:
+    """One line of the final table: a claim, the value the theory gives, the value simulated, and
+    the largest error that passes. A row without a tolerance is a measurement reported without a
+    pass/fail criterion ("info"). The error is |simulation − theory| unless given explicitly (for
+    one-sided claims such as "never increases")."""
+    claim: str
+    theory: Optional[float]
+    simulation: float
+    tolerance: Optional[float] = None
+    error: Optional[float] = None
+
+    def __post_init__(self):
+        if self.error is None and self.tolerance is not None:
+            self.error = abs(self.simulation - self.theory)
+
+    @property
+    def passed(self):
+        """True or False; None for an info row."""
+        if self.tolerance is None:
+            return None
+        return bool(self.error <= self.tolerance)
+
+    def verdict(self):
+        if self.passed is None:
+            return "info"
+        return "pass" if self.passed else "FAIL"
+
+    def as_json(self, section):
+        return {"section": section, "claim": self.claim, "theory": self.theory,
+                "simulation": self.simulation, "error": self.error, "tol": self.tolerance,
+                "pass": self.passed}
+
+
+@dataclass
+class Section:
+    """What a section returns: its rows of the table, and its results for results.json."""
+    rows: list
+    results: dict
+
+
+class Figures:
+    """The run's figures by file name. A figure that several sections draw on is made by the first
+    of them; legends are added and the files written once every section has drawn."""
+
+    def __init__(self):
+        self.axes = {}
+
+    def get(self, name, make_axes):
+        """The axes of figure `name`, made by make_axes() on first use."""
+        if name not in self.axes:
+            self.axes[name] = make_axes()
+        return self.axes[name]
+
+    def save(self, folder):
+        for name, ax in self.axes.items():
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+            ax.figure.tight_layout()
+            ax.figure.savefig(os.path.join(folder, name), dpi=120)
+            plt.close(ax.figure)
+
+
+def new_axes(size, **settings):
+    """The axes of a new figure, with labels, scales and limits given as ax.set keywords."""
+    _, ax = plt.subplots(figsize=size)
+    ax.set(**settings)
+    return ax
+
+
+def collapse_axes(figures):
+    """collapse.png, shared by sections 2 and 3: fraction of starts that collapse against λ."""
+    return figures.get("collapse.png", lambda: new_axes(
+        (5, 3.5), xscale="log", xlabel="λ", ylabel="fraction of starts that collapse",
+        ylim=(-0.05, 1.05)))
+
+
+def amplitude_axes(figures, lam):
+    """amplitudes.png, shared by sections 2, 3 and 4: amplitudes of the limits on the canonical
+    functions against the SimSiam-like and PEIRA filters at λ = lam."""
+    def make():
+        ax = new_axes((5.5, 3.8), xlabel="canonical correlation s", ylabel="amplitude",
+                      title=f"limits against the filters, λ = {lam:g}")
+        s = torch.linspace(0, 1, 400)
+        ax.plot(s, peira.simsiam_filter(s, lam), "C0", label="f(s, λ) SimSiam-like")
+        ax.plot(s, peira.peira_filter(s, lam), "C1", label="peira_filter(s, λ)")
+        return ax
+    return figures.get("amplitudes.png", make)
+
+
+# -----------------------------------------------------------------------------
+# distributions and the integrator, shared by sections 1 to 3
 
 def latent_mixture(n, seed, symmetric):
     """Joint table of two views drawn independently given a latent z (n classes):
     J = Σ_z π_z p(x|z) p(y|z)ᵀ. With one conditional for both views M is PSD (SimSiam's case)."""
-    g = torch.Generator().manual_seed(seed)
-    px_z = torch.softmax(BETA * torch.randn(n, n, generator=g), 1)
-    py_z = px_z if symmetric else torch.softmax(BETA * torch.randn(n, n, generator=g), 1)
-    pi = torch.softmax(torch.randn(n, generator=g), 0)
+    gen = torch.Generator().manual_seed(seed)
+    px_z = torch.softmax(BETA * torch.randn(n, n, generator=gen), 1)
+    if symmetric:
+        py_z = px_z
+    else:
+        py_z = torch.softmax(BETA * torch.randn(n, n, generator=gen), 1)
+    pi = torch.softmax(torch.randn(n, generator=gen), 0)
     J = px_z.T @ (pi[:, None] * py_z)
     return J / J.sum()
 
@@ -102,18 +205,23 @@ def integrate(field, y, monitor=None, t_max=T_MAX):
         y_new = y + h * sum(b * k for b, k in zip(DOPRI_B5, ks) if b)
         err = h * sum((b5 - b4) * k for b5, b4, k in zip(DOPRI_B5, DOPRI_B4, ks) if b5 != b4)
         scale = ATOL + RTOL * torch.maximum(y.abs(), y_new.abs())
-        e = (err / scale).square().flatten(1).mean(1).sqrt().max().item()
-        if e <= 1:
+        error_ratio = (err / scale).square().flatten(1).mean(1).sqrt().max().item()
+        if error_ratio <= 1:
             t, y, dy, steps = t + h, y_new, ks[6], steps + 1  # first-same-as-last
             if monitor:
                 records.append(monitor(y))
-        h *= min(5.0, max(0.2, 0.9 * e ** -0.2)) if e > 0 else 5.0
+        # the usual step-size controller for a 5th-order error, kept within a factor 0.2 to 5
+        if error_ratio > 0:
+            h *= min(5.0, max(0.2, 0.9 * error_ratio ** -0.2))
+        else:
+            h *= 5.0
     return y, t, steps, records
 
 
 def random_tables(starts, n, k, seed):
-    g = torch.Generator().manual_seed(seed)
-    return INIT_STD * torch.randn(starts, n, k, generator=g)
+    """Random starting encoders: `starts` tables of n values in dimension k."""
+    gen = torch.Generator().manual_seed(seed)
+    return INIT_STD * torch.randn(starts, n, k, generator=gen)
 
 
 def amplitudes(u_cca, p, U):
@@ -121,12 +229,6 @@ def amplitudes(u_cca, p, U):
     and the amplitude of each canonical direction, ‖C_i‖."""
     C = u_cca.T @ (p[:, None] * U)
     return C, C.norm(dim=2)
-
-
-def row(section, claim, theory, simulation, error, tol):
-    """One table row; tol None marks a measurement reported without a pass/fail criterion."""
-    return {"section": section, "claim": claim, "theory": theory, "simulation": simulation,
-            "error": error, "tol": tol, "pass": None if tol is None else bool(error <= tol)}
 
 
 # -----------------------------------------------------------------------------
@@ -142,57 +244,63 @@ def linear_field(Sxx, Syx, lam):
 
 
 def tang_objective(U, Syx):
+    """−½Tr((UΣyxUᵀ)²), batched over starts."""
     M = U @ Syx @ U.mT
     return -0.5 * (M @ M).diagonal(dim1=1, dim2=2).sum(1)
 
 
-def section_linear(args):
+def section_linear(args, figures):
     d, k, starts = args.n, min(args.k, args.n - 1), args.starts
-    g = torch.Generator().manual_seed(args.seed + 1)
-    A = torch.randn(d, d, generator=g)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    A = torch.randn(d, d, generator=gen)
     Syx = (A + A.T) / (2 * d ** 0.5)                           # symmetric cross-covariance
-    U0 = torch.linalg.qr(torch.randn(starts, d, k, generator=g))[0].mT  # U0 U0ᵀ = I
+    U0 = torch.linalg.qr(torch.randn(starts, d, k, generator=gen))[0].mT  # U0 U0ᵀ = I
     eye = torch.eye(k)
 
     def monitor(U):
         return ((U @ U.mT - eye).abs().flatten(1).max(1).values, tang_objective(U, Syx))
 
-    U, t, steps, rec = integrate(linear_field(torch.eye(d), Syx, 0.0), U0, monitor)
-    orth = torch.stack([r[0] for r in rec]).max().item()
-    F = torch.stack([r[1] for r in rec])                       # (time, starts)
-    rise = (F[1:] - F[:-1]).max().item()
+    U, t, steps, records = integrate(linear_field(torch.eye(d), Syx, 0.0), U0, monitor)
+    orth = torch.stack([r[0] for r in records]).max().item()
+    objective = torch.stack([r[1] for r in records])           # (time, starts)
+    rise = (objective[1:] - objective[:-1]).max().item()
     # the limit's row space is invariant under Σyx, i.e. spanned by k eigenvectors
     evals, evecs = torch.linalg.eigh(Syx)
     weight = (U @ evecs).square().sum(1)                       # energy of each eigenvector
     chosen = weight.topk(k, dim=1).indices
     E = evecs[:, chosen].permute(1, 0, 2)                      # (starts, d, k)
-    angle = torch.linalg.svdvals(U.mT - E @ (E.mT @ U.mT)).max().asin().item()  # sin of the largest
+    # sine of the largest principal angle between the limit's rows and the chosen eigenvectors
+    angle = torch.linalg.svdvals(U.mT - E @ (E.mT @ U.mT)).max().asin().item()
     top = evals.abs().topk(k).indices.sort().values
     top_frac = (chosen.sort(1).values == top).all(1).double().mean().item()
-    rows = [row(1, "orthogonal start: max |UUᵀ − I| over time", 0.0, orth, orth, 1e-6),
-            row(1, "−½Tr((UΣyxUᵀ)²) never increases: max rise", 0.0, rise, max(rise, 0), 1e-12),
-            row(1, "limit spans an eigen-subspace of Σyx: max principal angle", 0.0, angle, angle, 1e-6),
-            row(1, f"starts whose limit is the top-{k} |eigenvalue| subspace", None, top_frac, None, None)]
+    rows = [
+        Row("orthogonal start: max |UUᵀ − I| over time", theory=0.0, simulation=orth, tolerance=1e-6),
+        Row("−½Tr((UΣyxUᵀ)²) never increases: max rise", theory=0.0, simulation=rise,
+            tolerance=1e-12, error=max(rise, 0)),  # a fall is no error
+        Row("limit spans an eigen-subspace of Σyx: max principal angle", theory=0.0, simulation=angle,
+            tolerance=1e-6),
+        Row(f"starts whose limit is the top-{k} |eigenvalue| subspace", theory=None, simulation=top_frac),
+    ]
 
     # what changes for general data (Σxx not ∝ I, Σyx not symmetric), a general start, and λ > 0
-    B = torch.randn(d, d, generator=g)
-    Sxx, Syx_gen = torch.eye(d) + 0.5 * B @ B.T / d, torch.randn(d, d, generator=g) / d ** 0.5
-    U0g = (torch.eye(k) + 0.3 * torch.randn(starts, k, k, generator=g) / k ** 0.5) @ U0
-    gram0 = U0g @ U0g.mT
-    Ug, *_, rec_g = integrate(linear_field(Sxx, Syx_gen, 0.0), U0g,
-                              lambda U: tang_objective(U, Syx_gen), t_max=T_SHOW)
-    drift = (Ug @ Ug.mT - gram0).abs().max().item()
-    F_g = torch.stack(rec_g)
-    rows.append(row(1, f"general data and start, λ = 0: UUᵀ conserved up to t = {T_SHOW:g}",
-                    0.0, drift, drift, 1e-6))
-    rows.append(row(1, "general data: max rise of −½Tr((UΣyxUᵀ)²) (no longer monotone)", None,
-                    (F_g[1:] - F_g[:-1]).max().item(), None, None))
-    U_r, *_ = integrate(linear_field(torch.eye(d), Syx, args.lam), U0, t_max=T_SHOW)
-    rows.append(row(1, f"ridge predictor λ = {args.lam}: max |UUᵀ − I| at t = {T_SHOW:g}", None,
-                    (U_r @ U_r.mT - eye).abs().max().item(), None, None))
-    return rows, {"steps": steps, "t_end": t, "orthogonality_error": orth, "max_F_rise": rise,
-                  "max_principal_angle": angle, "top_subspace_fraction": top_frac,
-                  "eigenvalues": evals.tolist()}, {}
+    B = torch.randn(d, d, generator=gen)
+    Sxx, Syx_general = torch.eye(d) + 0.5 * B @ B.T / d, torch.randn(d, d, generator=gen) / d ** 0.5
+    U0_general = (torch.eye(k) + 0.3 * torch.randn(starts, k, k, generator=gen) / k ** 0.5) @ U0
+    gram0 = U0_general @ U0_general.mT
+    U_general, *_, records_general = integrate(linear_field(Sxx, Syx_general, 0.0), U0_general,
+                                               lambda U: tang_objective(U, Syx_general), t_max=T_SHOW)
+    drift = (U_general @ U_general.mT - gram0).abs().max().item()
+    objective_general = torch.stack(records_general)
+    rows.append(Row(f"general data and start, λ = 0: UUᵀ conserved up to t = {T_SHOW:g}",
+                    theory=0.0, simulation=drift, tolerance=1e-6))
+    rows.append(Row("general data: max rise of −½Tr((UΣyxUᵀ)²) (no longer monotone)", theory=None,
+                    simulation=(objective_general[1:] - objective_general[:-1]).max().item()))
+    U_ridge, *_ = integrate(linear_field(torch.eye(d), Syx, args.lam), U0, t_max=T_SHOW)
+    rows.append(Row(f"ridge predictor λ = {args.lam}: max |UUᵀ − I| at t = {T_SHOW:g}", theory=None,
+                    simulation=(U_ridge @ U_ridge.mT - eye).abs().max().item()))
+    return Section(rows, {"steps": steps, "t_end": t, "orthogonality_error": orth, "max_F_rise": rise,
+                          "max_principal_angle": angle, "top_subspace_fraction": top_frac,
+                          "eigenvalues": evals.tolist()})
 
 
 # -----------------------------------------------------------------------------
@@ -217,7 +325,8 @@ def lyapunov(J, lam, U):
     p = J.sum(1)
     A = U.mT @ J @ U
     C = U.mT @ (p[:, None] * U) + torch.as_tensor(lam).reshape(-1, 1, 1) * torch.eye(U.shape[2])
-    return -0.5 * (A @ A).diagonal(dim1=1, dim2=2).sum(1) + (C @ C @ C).diagonal(dim1=1, dim2=2).sum(1) / 3
+    return (-0.5 * (A @ A).diagonal(dim1=1, dim2=2).sum(1)
+            + (C @ C @ C).diagonal(dim1=1, dim2=2).sum(1) / 3)
 
 
 def selection(amp, tol=1e-4):
@@ -241,22 +350,23 @@ def simsiam_collapse(J, s, k, lams, starts, seed):
     return (r.view(len(lams), starts) < admissible[:, None]).double().mean(1).tolist()
 
 
-def section_simsiam(args):
+def section_simsiam(args, figures):
     J = latent_mixture(args.n, args.seed, symmetric=True)
     s, u, _ = peira.nonlinear_cca(J)
     p, k, lam = J.sum(1), args.k, args.lam
     f = peira.simsiam_filter(s, lam)
     U0 = random_tables(args.starts, args.n, k, args.seed + 2)
-    U, t, steps, rec = integrate(simsiam_field(J, lam), U0, lambda U: lyapunov(J, lam, U))
-    F = torch.stack(rec)
+    U, t, steps, records = integrate(simsiam_field(J, lam), U0, lambda U: lyapunov(J, lam, U))
+    F = torch.stack(records)                                   # (time, starts)
     vel = simsiam_field(J, lam)(U).flatten(1).norm(dim=1).max().item()
     rise = (F[1:] - F[:-1]).max().item()
     C, amp = amplitudes(u, p, U)
     chosen, r, is_top = selection(amp)
+    top_frac = is_top.double().mean().item()
     amp_err = torch.where(chosen, (amp - f).abs(), amp).max().item()
     amp_err_sqrt2 = torch.where(chosen, (amp - f / 2 ** 0.5).abs(), amp).max().item()
     gram = C @ C.mT                                            # diag(a²) when q is orthonormal
-    off = (gram - torch.diag_embed(gram.diagonal(dim1=1, dim2=2))).abs().max().item()
+    off_diagonal = (gram - torch.diag_embed(gram.diagonal(dim1=1, dim2=2))).abs().max().item()
     resid = (U - u @ C).abs().max().item()                     # U lies in the canonical span
     P = torch.linalg.solve(U.mT @ (p[:, None] * U) + lam * torch.eye(k), U.mT @ J @ U, left=False)
     trace_sim = P.diagonal(dim1=1, dim2=2).sum(1)
@@ -264,27 +374,45 @@ def section_simsiam(args):
     trace_err = (trace_sim - trace_th).abs().max().item()
     admissible = int((f[:k] > 0).sum())
     collapse = (r < admissible).double().mean().item()
-    # collapse fraction against λ and k
     lams = [lam * c for c in LAM_GRID]
-    grid = {kk: simsiam_collapse(J, s, kk, lams, args.starts, args.seed + 3) for kk in range(1, k + 1)}
+    collapse_by_k = {k_small: simsiam_collapse(J, s, k_small, lams, args.starts, args.seed + 3)
+                     for k_small in range(1, k + 1)}
     rows = [
-        row(2, "converges: max ‖dU/dt‖ at the end", 0.0, vel, vel, 1e-8),
-        row(2, "Lyapunov F never increases: max rise", 0.0, rise, max(rise, 0), 1e-10),
-        row(2, "limits span canonical functions: max |U − Σ C_i u_i|", 0.0, resid, resid, 1e-8),
-        row(2, "limits select the top r directions (fraction of starts)", 1.0,
-            is_top.double().mean().item(), 1 - is_top.double().mean().item(), 0.0),
-        row(2, "amplitudes = f(s,λ) = (s+√(s²−4λ))/2: max error", 0.0, amp_err, amp_err, 1e-6),
-        row(2, "amplitudes = f(s,λ)/√2 (the talk's factor): max error", 0.0, amp_err_sqrt2, None, None),
-        row(2, "q_i orthonormal: max off-diagonal of CCᵀ", 0.0, off, off, 1e-6),
-        row(2, "Tr(P*) = Σ_{i≤r} s_i f²/(f²+λ): max error", 0.0, trace_err, trace_err, 1e-6),
-        row(2, f"collapse fraction (k={k}, λ={lam:g}, {admissible} admissible)", None, collapse, None, None),
+        Row("converges: max ‖dU/dt‖ at the end", theory=0.0, simulation=vel, tolerance=1e-8),
+        Row("Lyapunov F never increases: max rise", theory=0.0, simulation=rise,
+            tolerance=1e-10, error=max(rise, 0)),  # a fall is no error
+        Row("limits span canonical functions: max |U − Σ C_i u_i|", theory=0.0, simulation=resid,
+            tolerance=1e-8),
+        Row("limits select the top r directions (fraction of starts)", theory=1.0, simulation=top_frac,
+            tolerance=0.0),
+        Row("amplitudes = f(s,λ) = (s+√(s²−4λ))/2: max error", theory=0.0, simulation=amp_err,
+            tolerance=1e-6),
+        Row("amplitudes = f(s,λ)/√2 (the talk's factor): max error", theory=0.0,
+            simulation=amp_err_sqrt2),
+        Row("q_i orthonormal: max off-diagonal of CCᵀ", theory=0.0, simulation=off_diagonal,
+            tolerance=1e-6),
+        Row("Tr(P*) = Σ_{i≤r} s_i f²/(f²+λ): max error", theory=0.0, simulation=trace_err,
+            tolerance=1e-6),
+        Row(f"collapse fraction (k={k}, λ={lam:g}, {admissible} admissible)", theory=None,
+            simulation=collapse),
     ]
-    out = {"s": s.tolist(), "f": f.tolist(), "lam": lam, "k": k, "steps": steps, "t_end": t,
-           "amplitudes": amp.tolist(), "r": r.tolist(), "collapse_fraction": collapse,
-           "amplitude_error": amp_err, "amplitude_error_if_sqrt2": amp_err_sqrt2,
-           "lam_grid": lams, "collapse_vs_lam": {str(kk): v for kk, v in grid.items()},
-           "normalisation": "f" if amp_err < amp_err_sqrt2 else "f/sqrt2"}
-    return rows, out, {"F": F, "amp": amp, "s": s, "grid": grid, "lams": lams}
+
+    ax = figures.get("lyapunov.png", lambda: new_axes(
+        (5, 3.5), yscale="log", xlabel="accepted ODE step", ylabel="F(U_t) − F(U_∞)",
+        title="SimSiam-like flow: the Lyapunov function decreases"))
+    ax.plot(F[:, :8] - F[-1, :8])                              # 8 starts: more would be a blur
+    ax = collapse_axes(figures)
+    for k_small, fractions in collapse_by_k.items():
+        ax.plot(lams, fractions, "o-", label=f"SimSiam-like, k={k_small}")
+    amplitude_axes(figures, lam).plot(s.expand_as(amp).flatten(), amp.flatten(), "C0o", ms=4,
+                                      mfc="none", label="SimSiam limits (tables)")
+
+    return Section(rows, {
+        "s": s.tolist(), "f": f.tolist(), "lam": lam, "k": k, "steps": steps, "t_end": t,
+        "amplitudes": amp.tolist(), "r": r.tolist(), "collapse_fraction": collapse,
+        "amplitude_error": amp_err, "amplitude_error_if_sqrt2": amp_err_sqrt2,
+        "lam_grid": lams, "collapse_vs_lam": {str(k_small): v for k_small, v in collapse_by_k.items()},
+        "normalisation": "f" if amp_err < amp_err_sqrt2 else "f/sqrt2"})
 
 
 # -----------------------------------------------------------------------------
@@ -323,12 +451,16 @@ def peira_population_objective(J, U, V, lam):
     return peira.peira_objective(*population_samples(J, U, V), lam)
 
 
+def flat_gradient(loss, tensors):
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, tensors)])
+
+
 def gradient_bias_variance(J, U, V, lam, batch, repeats, eta, seed):
     """Relative bias ‖E g − g*‖/‖g*‖ and spread sqrt(E‖g − E g‖²)/‖g*‖ of minibatch gradients on
     tables (U, V): the direct algorithm and the auxiliary loss with running moments. The squared
     bias is estimated without the Monte-Carlo noise of the mean, spread²/repeats."""
     U, V = U.clone().requires_grad_(), V.clone().requires_grad_()
-    g_true = torch.cat([t.flatten() for t in torch.autograd.grad(peira_population_objective(J, U, V, lam), (U, V))])
+    g_true = flat_gradient(peira_population_objective(J, U, V, lam), (U, V))
     gen = torch.Generator().manual_seed(seed)
     ny = J.shape[1]
 
@@ -342,19 +474,21 @@ def gradient_bias_variance(J, U, V, lam, batch, repeats, eta, seed):
             loss_fn(*sample())
     grads = {"direct": [], "running": []}
     for _ in range(repeats):
-        for name, loss in (("direct", peira.peira_objective(*sample(), lam)), ("running", loss_fn(*sample()))):
-            grads[name].append(torch.cat([t.flatten() for t in torch.autograd.grad(loss, (U, V))]))
-    out = {}
+        direct_loss = peira.peira_objective(*sample(), lam)
+        running_loss = loss_fn(*sample())
+        grads["direct"].append(flat_gradient(direct_loss, (U, V)))
+        grads["running"].append(flat_gradient(running_loss, (U, V)))
+    bias_spread = {}
     for name, gs in grads.items():
         gs = torch.stack(gs)
         mean = gs.mean(0)
         spread2 = (gs - mean).square().sum(1).sum() / (repeats - 1)
         bias2 = ((mean - g_true).square().sum() - spread2 / repeats).clamp_min(0)
-        out[name] = (bias2.sqrt() / g_true.norm()).item(), (spread2.sqrt() / g_true.norm()).item()
-    return out
+        bias_spread[name] = (bias2.sqrt() / g_true.norm()).item(), (spread2.sqrt() / g_true.norm()).item()
+    return bias_spread
 
 
-def section_peira(args):
+def section_peira(args, figures):
     J = latent_mixture(args.n, args.seed + 10, symmetric=False)
     s, u, v = peira.nonlinear_cca(J)
     px, py, k, lam, n = J.sum(1), J.sum(0), args.k, args.lam, args.n
@@ -362,12 +496,14 @@ def section_peira(args):
     L_star = -((s[:k].sqrt() - lam).clamp_min(0).square()).sum().item() / 2
     UV0 = torch.cat([random_tables(args.starts, n, k, args.seed + 4),
                      random_tables(args.starts, n, k, args.seed + 5)], 1)
-    # the closed-form field is the (negated) gradient of peira.aux_loss on population samples
+    # the closed-form field is the (negated) gradient of peira.aux_loss on population samples,
+    # divided by the marginals (an L2(P) gradient)
     U0, V0 = UV0[0, :n].clone().requires_grad_(), UV0[0, n:].clone().requires_grad_()
     N, S = peira.moments(*population_samples(J, U0.detach(), V0.detach()))
     P, Q = peira.optimal_regressor(N, S, lam)
     gU, gV = torch.autograd.grad(peira.aux_loss(*population_samples(J, U0, V0), P, Q, lam), (U0, V0))
-    field_err = (peira_field(J, lam)(UV0[:1])[0] + torch.cat([gU / px[:, None], gV / py[:, None]])).abs().max().item()
+    l2_gradient = torch.cat([gU / px[:, None], gV / py[:, None]])
+    field_err = (peira_field(J, lam)(UV0[:1])[0] + l2_gradient).abs().max().item()
 
     def objective(UV):  # −½Tr(S(N + λI)⁻¹) + (λ/2)Tr(N), batched over starts
         U, V = UV[:, :n], UV[:, n:]
@@ -376,50 +512,67 @@ def section_peira(args):
         SQ = torch.linalg.solve(N + lam * torch.eye(k), E + E.mT, left=False)
         return -0.5 * SQ.diagonal(dim1=1, dim2=2).sum(1) + 0.5 * lam * N.diagonal(dim1=1, dim2=2).sum(1)
 
-    UV, t, steps, rec = integrate(peira_field(J, lam), UV0, objective)
-    L_traj = torch.stack(rec)
-    L_end = torch.stack([peira_population_objective(J, w[:n], w[n:], lam) for w in UV])  # with peira
-    gap = (L_end - L_star).abs().max().item()
+    UV, t, steps, records = integrate(peira_field(J, lam), UV0, objective)
+    L_traj = torch.stack(records)
+    # the end value from peira itself, not from the objective above
+    L_end = torch.stack([peira_population_objective(J, w[:n], w[n:], lam) for w in UV])
+    worst_gap = (L_end - L_star).abs().max().item()
     rise = (L_traj[1:] - L_traj[:-1]).max().item()
-    C, amp = amplitudes(u, px, UV[:, :n])
-    D, _ = amplitudes(v, py, UV[:, n:])
+    C_U, amp = amplitudes(u, px, UV[:, :n])
+    C_V, _ = amplitudes(v, py, UV[:, n:])
     amp_err = (amp[:, :k] - a).abs().max().item()
-    rest = amp[:, k:].max().item() if amp.shape[1] > k else 0.0
-    same_q = (C - D).abs().max().item()
+    beyond_k = amp[:, k:].max().item() if amp.shape[1] > k else 0.0
+    same_q = (C_U - C_V).abs().max().item()
     # collapse: none over the λ grid and k
     lams = [lam * c for c in LAM_GRID]
-    collapse = {}
-    for kk in range(1, k + 1):
-        lam_t = torch.tensor(lams).repeat_interleave(args.starts)
-        UV0k = torch.cat([random_tables(len(lam_t), n, kk, args.seed + 6),
-                          random_tables(len(lam_t), n, kk, args.seed + 7)], 1)
-        UVk, *_ = integrate(peira_field(J, lam_t), UV0k)
-        _, amp_k = amplitudes(u, px, UVk[:, :n])
-        expect = peira.peira_filter(s[:kk, None], lam_t[None, :]).T
-        collapse[kk] = ((amp_k[:, :kk] - expect).abs().max(1).values > 1e-4).view(len(lams), -1).double().mean(1).tolist()
-    worst = max(max(v) for v in collapse.values())
+    collapse_by_k = {}
+    for k_small in range(1, k + 1):
+        lam_per_start = torch.tensor(lams).repeat_interleave(args.starts)
+        UV0_small = torch.cat([random_tables(len(lam_per_start), n, k_small, args.seed + 6),
+                               random_tables(len(lam_per_start), n, k_small, args.seed + 7)], 1)
+        UV_small, *_ = integrate(peira_field(J, lam_per_start), UV0_small)
+        _, amp_small = amplitudes(u, px, UV_small[:, :n])
+        expected = peira.peira_filter(s[:k_small, None], lam_per_start[None, :]).T
+        missed = (amp_small[:, :k_small] - expected).abs().max(1).values > 1e-4
+        collapse_by_k[k_small] = missed.view(len(lams), -1).double().mean(1).tolist()
+    worst_by_lam = [max(fractions) for fractions in zip(*collapse_by_k.values())]
+    worst = max(worst_by_lam)
     # minibatch gradients at a random point: direct vs running moments
-    bv = {b: gradient_bias_variance(J, UV0[0, :n], UV0[0, n:], lam, b, GRAD_REPEATS, 0.1, args.seed)
-          for b in (16, 64, 256)}
+    bias_spread = {batch: gradient_bias_variance(J, UV0[0, :n], UV0[0, n:], lam, batch,
+                                                 GRAD_REPEATS, 0.1, args.seed)
+                   for batch in (16, 64, 256)}
     rows = [
-        row(3, "closed-form flow = −gradient of peira.aux_loss: max error", 0.0, field_err, field_err, 1e-12),
-        row(3, "objective never increases along the flow: max rise", 0.0, rise, max(rise, 0), 1e-10),
-        row(3, "every start reaches −Σ max(√s_i − λ, 0)²/2", L_star, L_end.max().item(), gap, 1e-8),
-        row(3, "amplitudes = peira_filter(s, λ): max error", 0.0, amp_err, amp_err, 1e-6),
-        row(3, "no energy beyond the top k canonical functions", 0.0, rest, rest, 1e-6),
-        row(3, "U and V share q_i and amplitudes: max |C_U − C_V|", 0.0, same_q, same_q, 1e-6),
-        row(3, f"collapse fraction, worst over k ≤ {k} and λ grid", 0.0, worst, worst, 0.0),
+        Row("closed-form flow = −gradient of peira.aux_loss: max error", theory=0.0,
+            simulation=field_err, tolerance=1e-12),
+        Row("objective never increases along the flow: max rise", theory=0.0, simulation=rise,
+            tolerance=1e-10, error=max(rise, 0)),  # a fall is no error
+        Row("every start reaches −Σ max(√s_i − λ, 0)²/2", theory=L_star, simulation=L_end.max().item(),
+            tolerance=1e-8, error=worst_gap),  # the error of the worst start, not of the largest value
+        Row("amplitudes = peira_filter(s, λ): max error", theory=0.0, simulation=amp_err, tolerance=1e-6),
+        Row("no energy beyond the top k canonical functions", theory=0.0, simulation=beyond_k,
+            tolerance=1e-6),
+        Row("U and V share q_i and amplitudes: max |C_U − C_V|", theory=0.0, simulation=same_q,
+            tolerance=1e-6),
+        Row(f"collapse fraction, worst over k ≤ {k} and λ grid", theory=0.0, simulation=worst,
+            tolerance=0.0),
     ]
-    for b, res in bv.items():
-        rows.append(row(3, f"batch {b}: gradient bias, direct vs running moments (η 0.1)",
-                        res["direct"][0], res["running"][0], None, None))
-        rows.append(row(3, f"batch {b}: gradient spread, direct vs running moments",
-                        res["direct"][1], res["running"][1], None, None))
-    out = {"s": s.tolist(), "a": a.tolist(), "lam": lam, "k": k, "L_star": L_star,
-           "L_end": L_end.tolist(), "amplitudes": amp.tolist(), "steps": steps, "t_end": t,
-           "lam_grid": lams, "collapse_vs_lam": {str(kk): v for kk, v in collapse.items()},
-           "gradient_bias_spread": {str(b): r for b, r in bv.items()}}
-    return rows, out, {"L": L_traj, "L_star": L_star, "amp": amp, "s": s}
+    # two measurements side by side: the "theory" column holds the direct algorithm's value
+    for batch, measured in bias_spread.items():
+        direct, running = measured["direct"], measured["running"]
+        rows.append(Row(f"batch {batch}: gradient bias, direct vs running moments (η 0.1)",
+                        theory=direct[0], simulation=running[0]))
+        rows.append(Row(f"batch {batch}: gradient spread, direct vs running moments",
+                        theory=direct[1], simulation=running[1]))
+
+    collapse_axes(figures).plot(lams, worst_by_lam, "k--", label="PEIRA, every k")
+    amplitude_axes(figures, lam).plot(s.expand_as(amp).flatten(), amp.flatten(), "C1x", ms=5,
+                                      label="PEIRA limits (tables)")
+
+    return Section(rows, {
+        "s": s.tolist(), "a": a.tolist(), "lam": lam, "k": k, "L_star": L_star,
+        "L_end": L_end.tolist(), "amplitudes": amp.tolist(), "steps": steps, "t_end": t,
+        "lam_grid": lams, "collapse_vs_lam": {str(k_small): v for k_small, v in collapse_by_k.items()},
+        "gradient_bias_spread": {str(batch): r for batch, r in bias_spread.items()}})
 
 
 # -----------------------------------------------------------------------------
@@ -440,7 +593,8 @@ def gaussian_pair(batch, gen):
 
 
 def mlp(k):
-    return nn.Sequential(nn.Linear(1, 64), nn.SiLU(), nn.Linear(64, 64), nn.SiLU(), nn.Linear(64, k)).float()
+    return nn.Sequential(nn.Linear(1, 64), nn.SiLU(), nn.Linear(64, 64), nn.SiLU(),
+                         nn.Linear(64, k)).float()
 
 
 def subspace_alignment(E, H):
@@ -450,30 +604,44 @@ def subspace_alignment(E, H):
     return torch.linalg.svdvals(qe.T @ qh).square().mean().item()
 
 
-def section_networks(args):
-    torch.manual_seed(args.seed)
-    k, lam, m = NN_K, NN_LAM, NN_K + 4
-    gen = torch.Generator().manual_seed(args.seed + 20)
+@dataclass
+class MLPRun:
+    """Two MLPs trained on a Gaussian pair, evaluated on held-out pairs (x_i, y_i)."""
+    hermite_x: torch.Tensor   # (pairs, m): the first m Hermite functions at x_i
+    hermite_y: torch.Tensor
+    ux: torch.Tensor          # (pairs, NN_K): U(x_i) at the end of training
+    vy: torch.Tensor
+    trace: list               # {step, objective, alignment} at log-spaced steps
+
+
+@functools.lru_cache(maxsize=1)
+def train_mlps(seed):
+    """Trains two MLPs U, V with peira.PEIRALoss (k = NN_K, λ = NN_LAM). Sections 4 and 5 read the
+    same training, so it is kept for the next call with the same seed (run() clears it)."""
+    torch.manual_seed(seed)
+    k, m = NN_K, NN_K + 4
+    gen = torch.Generator().manual_seed(seed + 20)
     x_test, y_test = gaussian_pair(50_000, gen)
-    Hx, Hy = hermite(x_test, m), hermite(y_test, m)
-    s = RHO ** torch.arange(m, dtype=torch.float64)
-    a = peira.peira_filter(s[:k], lam)
-    L_star = -((s[:k].sqrt() - lam).clamp_min(0).square()).sum().item() / 2
+    hermite_x, hermite_y = hermite(x_test, m), hermite(y_test, m)
     U, V = mlp(k), mlp(k)  # float32 networks, as in practice; evaluation in float64
     opt = torch.optim.Adam([*U.parameters(), *V.parameters()], lr=NN_LR)
-    loss_fn = peira.PEIRALoss(k, lam=lam).float()
+    loss_fn = peira.PEIRALoss(k, lam=NN_LAM).float()
 
     def embed(x, y):
         return U(x[:, None].float()), V(y[:, None].float())
 
-    trace, checkpoints = [], {int(2 ** (i / 2)) for i in range(2 * int(math.log2(NN_STEPS)) + 1)} | {0, NN_STEPS}
-    for step in tqdm(range(NN_STEPS + 1), desc="section 4: MLPs on a Gaussian pair", leave=False):
+    # log-spaced: the representation forms in the first hundred steps
+    checkpoints = {int(2 ** (i / 2)) for i in range(2 * int(math.log2(NN_STEPS)) + 1)} | {0, NN_STEPS}
+    trace = []
+    for step in tqdm(range(NN_STEPS + 1), desc="sections 4, 5: MLPs on a Gaussian pair", leave=False):
         frac = step / NN_STEPS
-        if step in checkpoints:  # log-spaced: the representation forms in the first hundred steps
+        if step in checkpoints:
             with torch.no_grad():
                 ux, vy = (e.double() for e in embed(x_test, y_test))
-            trace.append({"step": step, "objective": peira.peira_objective(ux, vy, lam).item(),
-                          "alignment": (subspace_alignment(ux, Hx[:, :k]) + subspace_alignment(vy, Hy[:, :k])) / 2})
+            alignment = (subspace_alignment(ux, hermite_x[:, :k])
+                         + subspace_alignment(vy, hermite_y[:, :k])) / 2
+            trace.append({"step": step, "objective": peira.peira_objective(ux, vy, NN_LAM).item(),
+                          "alignment": alignment})
         if step == NN_STEPS:
             break
         for group in opt.param_groups:
@@ -483,88 +651,111 @@ def section_networks(args):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    C = Hx.T @ ux / len(x_test)                                 # E[h_i(x) U(x)]
+    return MLPRun(hermite_x, hermite_y, ux, vy, trace)
+
+
+def section_mlps(args, figures):
+    k, lam, m = NN_K, NN_LAM, NN_K + 4
+    trained = train_mlps(args.seed)
+    s = RHO ** torch.arange(m, dtype=torch.float64)
+    a = peira.peira_filter(s[:k], lam)
+    L_star = -((s[:k].sqrt() - lam).clamp_min(0).square()).sum().item() / 2
+    L_end = trained.trace[-1]["objective"]
+    C = trained.hermite_x.T @ trained.ux / len(trained.ux)    # E[h_i(x) U(x)]
     amp = C.norm(dim=1)
     amp_err = (amp[:k] - a).abs().max().item()
     beyond = amp[k:].max().item()
-    s_lin, _, _ = peira.linear_cca(ux, vy)
+    s_lin, _, _ = peira.linear_cca(trained.ux, trained.vy)
     corr_err = (s_lin[:k - 1] - s[1:k]).abs().max().item()
-    L_end = trace[-1]["objective"]
-    obj = torch.tensor([r["objective"] for r in trace])
-    ali = torch.tensor([r["alignment"] for r in trace])
-    spearman = torch.corrcoef(torch.stack([obj.argsort().argsort(), ali.argsort().argsort()]).double())[0, 1].item()
     rows = [
-        row(4, f"MLPs (k={k}, λ={lam}, {NN_STEPS} Adam steps): objective reaches −Σ(√ρ^i − λ)²/2", L_star, L_end,
-            abs(L_end - L_star), 0.01 * abs(L_star)),
-        row(4, "amplitudes on Hermite functions = peira_filter(ρ^i, λ): max error", 0.0, amp_err, amp_err, 0.05),
-        row(4, f"no energy on Hermite functions {k}..{m - 1}: max amplitude", 0.0, beyond, beyond, 0.05),
-        row(4, "canonical correlations of the embeddings = ρ^i, 1 ≤ i < k: max error", 0.0, corr_err, corr_err, 0.02),
-        row(5, "objective tracks alignment with the canonical subspace (Spearman)", -1.0, spearman,
-            spearman + 1, 0.2),
-        row(5, "alignment with span{He_0..He_k-1} at the end", 1.0, ali[-1].item(), 1 - ali[-1].item(), 0.02),
+        Row(f"MLPs (k={k}, λ={lam}, {NN_STEPS} Adam steps): objective reaches −Σ(√ρ^i − λ)²/2",
+            theory=L_star, simulation=L_end, tolerance=0.01 * abs(L_star)),
+        Row("amplitudes on Hermite functions = peira_filter(ρ^i, λ): max error", theory=0.0,
+            simulation=amp_err, tolerance=0.05),
+        Row(f"no energy on Hermite functions {k}..{m - 1}: max amplitude", theory=0.0,
+            simulation=beyond, tolerance=0.05),
+        Row("canonical correlations of the embeddings = ρ^i, 1 ≤ i < k: max error", theory=0.0,
+            simulation=corr_err, tolerance=0.02),
     ]
-    out = {"rho": RHO, "s": s.tolist(), "a": a.tolist(), "amplitudes": amp.tolist(),
-           "canonical_correlations": s_lin.tolist(), "L_star": L_star, "L_end": L_end,
-           "trace": trace, "spearman": spearman}
-    return rows, out, {"trace": trace, "amp": amp, "s": s}
+
+    ax = amplitude_axes(figures, args.lam)
+    s_grid = torch.linspace(0, 1, 400)
+    ax.plot(s_grid, peira.peira_filter(s_grid, lam), "C3--", lw=1, label=f"peira_filter(s, {lam})")
+    ax.plot(s, amp, "C3s", ms=5, mfc="none", label=f"PEIRA MLPs, λ = {lam}")
+
+    return Section(rows, {"rho": RHO, "s": s.tolist(), "a": a.tolist(), "amplitudes": amp.tolist(),
+                          "canonical_correlations": s_lin.tolist(), "L_star": L_star, "L_end": L_end})
+
+
+def section_objective_tracks_alignment(args, figures):
+    trace = train_mlps(args.seed).trace
+    objective = torch.tensor([r["objective"] for r in trace])
+    alignment = torch.tensor([r["alignment"] for r in trace])
+
+    def ranks(values):
+        return values.argsort().argsort()
+
+    # Spearman's correlation: Pearson's on the ranks
+    spearman = torch.corrcoef(torch.stack([ranks(objective), ranks(alignment)]).double())[0, 1].item()
+    rows = [
+        Row("objective tracks alignment with the canonical subspace (Spearman)", theory=-1.0,
+            simulation=spearman, tolerance=0.2),
+        Row("alignment with span{He_0..He_k-1} at the end", theory=1.0, simulation=alignment[-1].item(),
+            tolerance=0.02),
+    ]
+
+    ax = figures.get("objective_vs_alignment.png", lambda: new_axes(
+        (5, 3.5), xlabel="alignment with the canonical subspace", ylabel="PEIRA objective (held out)",
+        title="the objective tracks representation quality"))
+    points = ax.scatter([r["alignment"] for r in trace], [r["objective"] for r in trace],
+                        c=[r["step"] for r in trace], cmap="viridis")
+    ax.figure.colorbar(points, label="step")
+
+    return Section(rows, {"trace": trace, "spearman": spearman})
 
 
 # -----------------------------------------------------------------------------
-# figures, table, main
+# the final table, and main
 
-def figures(plots, lam, out):
-    if 2 in plots:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        F = plots[2]["F"]
-        ax.plot(F[:, :8] - F[-1, :8])
-        ax.set(yscale="log", xlabel="accepted ODE step", ylabel="F(U_t) − F(U_∞)",
-               title="SimSiam-like flow: the Lyapunov function decreases")
-        fig.tight_layout(); fig.savefig(os.path.join(out, "lyapunov.png"), dpi=120); plt.close(fig)
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for kk, fr in plots[2]["grid"].items():
-            ax.plot(plots[2]["lams"], fr, "o-", label=f"SimSiam-like, k={kk}")
-        if 3 in plots:
-            ax.plot(plots[2]["lams"], [0] * len(plots[2]["lams"]), "k--", label="PEIRA, every k")
-        ax.set(xscale="log", xlabel="λ", ylabel="fraction of starts that collapse", ylim=(-0.05, 1.05))
-        ax.legend(fontsize=8); fig.tight_layout()
-        fig.savefig(os.path.join(out, "collapse.png"), dpi=120); plt.close(fig)
-    if 2 in plots or 3 in plots or 4 in plots:
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        grid = torch.linspace(0, 1, 400)
-        ax.plot(grid, peira.simsiam_filter(grid, lam), "C0", label="f(s, λ) SimSiam-like")
-        ax.plot(grid, peira.peira_filter(grid, lam), "C1", label="peira_filter(s, λ)")
-        if 2 in plots:
-            s, amp = plots[2]["s"], plots[2]["amp"]
-            ax.plot(s.expand_as(amp).flatten(), amp.flatten(), "C0o", ms=4, mfc="none", label="SimSiam limits (tables)")
-        if 3 in plots:
-            s, amp = plots[3]["s"], plots[3]["amp"]
-            ax.plot(s.expand_as(amp).flatten(), amp.flatten(), "C1x", ms=5, label="PEIRA limits (tables)")
-        if 4 in plots:
-            ax.plot(grid, peira.peira_filter(grid, NN_LAM), "C3--", lw=1, label=f"peira_filter(s, {NN_LAM})")
-            ax.plot(plots[4]["s"], plots[4]["amp"], "C3s", ms=5, mfc="none", label=f"PEIRA MLPs, λ = {NN_LAM}")
-        ax.set(xlabel="canonical correlation s", ylabel="amplitude", title=f"limits against the filters, λ = {lam:g}")
-        ax.legend(fontsize=8); fig.tight_layout()
-        fig.savefig(os.path.join(out, "amplitudes.png"), dpi=120); plt.close(fig)
-    if 4 in plots:
-        trace = plots[4]["trace"]
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        sc = ax.scatter([r["alignment"] for r in trace], [r["objective"] for r in trace],
-                        c=[r["step"] for r in trace], cmap="viridis")
-        fig.colorbar(sc, label="step")
-        ax.set(xlabel="alignment with the canonical subspace", ylabel="PEIRA objective (held out)",
-               title="the objective tracks representation quality")
-        fig.tight_layout(); fig.savefig(os.path.join(out, "objective_vs_alignment.png"), dpi=120); plt.close(fig)
+SECTIONS = {1: section_linear, 2: section_simsiam, 3: section_peira, 4: section_mlps,
+            5: section_objective_tracks_alignment}
 
 
-def format_table(rows):
-    def num(x):
+def format_table(numbered_rows):
+    """The final table from (section number, Row) pairs."""
+    def number(x):
         return "—" if x is None else f"{x:.3g}"
     lines = [f"{'§':<2} {'claim':<74} {'theory':>10} {'simulation':>11} {'error':>9}  result"]
-    for r in rows:
-        verdict = "info" if r["pass"] is None else ("pass" if r["pass"] else "FAIL")
-        lines.append(f"{r['section']:<2} {r['claim']:<74} {num(r['theory']):>10} "
-                     f"{num(r['simulation']):>11} {num(r['error']):>9}  {verdict}")
+    for section, row in numbered_rows:
+        lines.append(f"{section:<2} {row.claim:<74} {number(row.theory):>10} "
+                     f"{number(row.simulation):>11} {number(row.error):>9}  {row.verdict()}")
     return "\n".join(lines)
+
+
+def run(args):
+    """Runs the chosen sections in order; prints the table, writes it, results.json and figures."""
+    train_mlps.cache_clear()  # the networks of an earlier run in this process may use other settings
+    figures = Figures()
+    numbered_rows, results = [], {"config": vars(args)}
+    for number in sorted(set(args.only or SECTIONS)):
+        start = time.time()
+        section = SECTIONS[number](args, figures)
+        numbered_rows += [(number, row) for row in section.rows]
+        results[f"section{number}"] = {**section.results, "seconds": time.time() - start,
+                                       "rows": [row.as_json(number) for row in section.rows]}
+        print(f"section {number} done in {time.time() - start:.1f} s", flush=True)
+    figures.save(args.out)
+    table = format_table(numbered_rows)
+    print(table)
+    passed = sum(row.passed is True for _, row in numbered_rows)
+    failed = sum(row.passed is False for _, row in numbered_rows)
+    print(f"{passed} passed, {failed} failed")
+    results["all_passed"] = failed == 0
+    with open(os.path.join(args.out, "table.txt"), "w") as fh:
+        fh.write(table + "\n")
+    with open(os.path.join(args.out, "results.json"), "w") as fh:
+        json.dump(results, fh, indent=1)
+    return results
 
 
 def main(argv=None):
@@ -582,32 +773,6 @@ def main(argv=None):
     finally:
         torch.set_default_dtype(dtype)
         torch.set_num_threads(threads)
-
-
-def run(args):
-    sections = {1: section_linear, 2: section_simsiam, 3: section_peira, 4: section_networks}
-    chosen = [args.only] if args.only else [1, 2, 3, 4]
-    if args.only == 5:
-        chosen = [4]  # section 5 is measured along section 4's training
-    rows, results, plots = [], {"config": vars(args)}, {}
-    for sec in chosen:
-        t0 = time.time()
-        r, res, plot = sections[sec](args)
-        rows += r
-        results[f"section{sec}"] = {**res, "seconds": time.time() - t0, "rows": r}
-        plots[sec] = plot
-        print(f"section {sec} done in {time.time() - t0:.1f} s", flush=True)
-    figures(plots, args.lam, args.out)
-    table = format_table(rows)
-    print(table)
-    failed = sum(r["pass"] is False for r in rows)
-    print(f"{sum(r['pass'] is True for r in rows)} passed, {failed} failed")
-    results["all_passed"] = failed == 0
-    with open(os.path.join(args.out, "table.txt"), "w") as fh:
-        fh.write(table + "\n")
-    with open(os.path.join(args.out, "results.json"), "w") as fh:
-        json.dump(results, fh, indent=1)
-    return results
 
 
 if __name__ == "__main__":
