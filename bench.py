@@ -1,11 +1,12 @@
 """Training speed of each loss on the same model and batch (train_cifar.py's model and losses).
 
     python bench.py                                              # CPU: small ResNet-18, batch 64
-    python bench.py --width 64 --batch-size 256 --bf16 --compile # GPU: the preprint's CIFAR set-up
+    python bench.py --width 64 --batch-size 256 --bf16 --compile # GPU: PEIRA's CIFAR-10 set-up
 
 Reports per loss: images/s (an image = its two views), time of a training step, time of the loss
 alone (forward + backward on the step's embeddings), its share of the step, and peak GPU memory.
-Target (GPU, ResNet-18, batch 256, k 1024): PEIRA's step within 3% of SimSiam's.
+Target (GPU, ResNet-18, batch 256, k 1024): PEIRA's step within 3% of SimSiam's. PEIRA's CIFAR-10
+set-up is that of the PEIRA preprint (arXiv:2605.17671, 2026).
 """
 import argparse
 import time
@@ -26,6 +27,7 @@ LOSSES = ("peira", "peira_direct", "simsiam", "vicreg")
 parser.add_argument("--losses", default=",".join(LOSSES), help="comma-separated, from " + ", ".join(LOSSES))
 parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+LAM = tc.parser.get_default("lam")  # PEIRA's λ, train_cifar.py's (0.7)
 
 
 def sync(device):
@@ -46,12 +48,13 @@ def timed(fn, steps, device):
 
 
 def bench_loss(name, args, device):
+    """Times a training step, and the loss alone, of one loss on a fixed random batch."""
     proj = [int(d) for d in args.proj.split("-")]
     torch.manual_seed(0)
     model = tc.SSLModel(name, args.width, proj).to(device).to(memory_format=torch.channels_last)
     fwd = torch.compile(model) if args.compile else model
     opt = tc.LARS(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    loss_fn = peira.PEIRALoss(proj[-1], lam=0.7, eta=0.5).to(device)
+    peira_loss = peira.PEIRALoss(proj[-1], lam=LAM, eta=0.5).to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
     x1, x2 = (torch.randn(args.batch_size, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
               for _ in range(2))
@@ -59,17 +62,17 @@ def bench_loss(name, args, device):
     def train_step():
         with autocast:
             _, z1, z2, p1, p2 = fwd(x1, x2)
-            loss = tc.ssl_loss(name, z1, z2, p1, p2, loss_fn, 0.7, 1)
+            loss = tc.ssl_loss(name, z1, z2, p1, p2, peira_loss, lam=LAM, world=1)  # one process
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    with autocast:  # embeddings of this batch, for timing the loss alone
-        outs = [t.detach().requires_grad_() if t is not None else None for t in model(x1, x2)[1:]]
+    with autocast:  # z1, z2, p1, p2 of this batch (p: SimSiam's predictions), to time the loss alone
+        embeddings = [t.detach().requires_grad_() if t is not None else None for t in model(x1, x2)[1:]]
 
     def loss_step():
         with autocast:
-            loss = tc.ssl_loss(name, *outs, loss_fn, 0.7, 1)
+            loss = tc.ssl_loss(name, *embeddings, peira_loss, lam=LAM, world=1)
         loss.backward()
 
     for _ in range(args.warmup):

@@ -1,6 +1,8 @@
 """Plan in a world model's latent space on Two Rooms: success rates of every model, side by side
 with a random policy, a shortest-path oracle and the planner driven by the true dynamics, on the
-same seeded start/goal pairs (always in different rooms, as in PLDM's evaluation).
+same seeded start/goal pairs (always in different rooms, as in the evaluation of PLDM: Sobal et al.,
+"Learning from Reward-Free Offline Data: A Case for Planning with Latent Dynamics Models", arXiv
+preprint, 2025, arXiv:2502.14819).
 
     python plan.py                              # every <model>.pt in out/two_rooms, 100 episodes
     python plan.py --models out/two_rooms/peira.pt --episodes 20
@@ -33,7 +35,8 @@ parser.add_argument("--models", default="out/two_rooms",
                     help="a folder of <model>.pt, or comma-separated files")
 parser.add_argument("--out", default="out/plan")
 parser.add_argument("--episodes", type=int, default=100)
-parser.add_argument("--seed", type=int, default=1000, help="start/goal pairs (training used 0; tune on 500)")
+parser.add_argument("--seed", type=int, default=1000,
+                    help="seed of the start/goal pairs: tune the planner on 500, report on 1000")
 parser.add_argument("--horizon", type=int, default=64, help="planning horizon (actions)")
 parser.add_argument("--samples", type=int, default=256, help="action sequences scored per step")
 parser.add_argument("--segments", type=int, default=3, help="constant-action segments per sequence")
@@ -69,18 +72,23 @@ class Planner:
         self.age = torch.full((episodes,), -1)  # steps since the last plan; −1: none yet
 
     def plan(self, pos, episodes):
-        a = self.args
-        seq = segment_sequences(len(pos), a.samples + 1, a.horizon, a.segments, self.gen)
+        args = self.args
+        # candidates: random sequences, the first replaced by the previous best plan, shifted to now
+        seq = segment_sequences(len(pos), args.samples + 1, args.horizon, args.segments, self.gen)
         age = self.age[episodes]
-        shift = (torch.arange(a.horizon) + age[:, None]).clamp(0, a.horizon - 1)
+        shift = (torch.arange(args.horizon) + age[:, None]).clamp(0, args.horizon - 1)
         seq[:, 0] = torch.where(age[:, None] >= 0, self.best[episodes].gather(1, shift), seq[:, 0])
-        d, now = self.distances(pos, episodes, seq)
-        steps = torch.arange(1, a.horizon + 1, dtype=d.dtype)
-        cost = (d / now[:, None, None].clamp_min(1e-8) + a.time_cost * steps).amin(-1)   # (E, S)
+        # cost: the best relative distance along each sequence, plus the steps taken to reach it
+        predicted, current = self.distances(pos, episodes, seq)
+        steps = torch.arange(1, args.horizon + 1, dtype=predicted.dtype)
+        relative = predicted / current[:, None, None].clamp_min(1e-8)
+        cost = (relative + args.time_cost * steps).amin(-1)                            # (E, S)
+        # keep the cheapest sequence; its first action is taken now
         self.best[episodes] = seq[torch.arange(len(pos)), cost.argmin(1)]
         self.age[episodes] = 0
 
     def __call__(self, pos, episodes):
+        # plan again for the episodes with no plan yet or a plan --replan steps old
         due = (self.age[episodes] < 0) | (self.age[episodes] >= self.args.replan)
         if due.any():
             self.plan(pos[due], episodes[due])
@@ -92,10 +100,10 @@ class Planner:
 def true_distances(goals):
     """The planner's ideal model: the true dynamics and the wall-blind distance of positions."""
     def distances(pos, episodes, seq):
-        p, out = pos[:, None].expand(-1, seq.shape[1], -1), []
+        position, out = pos[:, None].expand(-1, seq.shape[1], -1), []
         for t in range(seq.shape[2]):
-            p = tr.move(p, seq[:, :, t])
-            out.append((p - goals[episodes, None]).norm(dim=-1))
+            position = tr.move(position, seq[:, :, t])
+            out.append((position - goals[episodes, None]).norm(dim=-1))
         return torch.stack(out, -1), (pos - goals[episodes]).norm(dim=-1)
     return distances
 
@@ -108,9 +116,10 @@ def latent_distances(model, goals, regressor=None):
 
     @torch.no_grad()
     def distances(pos, episodes, seq):
-        e, s, h = seq.shape
+        n_episodes, n_samples, horizon = seq.shape
         z0 = model.encode(tr.render(pos, model.res))
-        pred = model.rollout(z0.repeat_interleave(s, 0), seq.reshape(e * s, h)).reshape(e, s, h, -1)
+        pred = model.rollout(z0.repeat_interleave(n_samples, 0), seq.reshape(n_episodes * n_samples, horizon))
+        pred = pred.reshape(n_episodes, n_samples, horizon, -1)
         if regressor is not None:
             pred = pred @ regressor.T
         goal = goal_z[episodes]
@@ -126,14 +135,15 @@ class DistanceField:
     stay on the lattice start + STEP·(i, j)), by breadth-first relaxation on the true dynamics."""
 
     def __init__(self, starts, goals):
-        offs = torch.arange(-LATTICE, LATTICE + 1) * tr.STEP
-        grid = starts[:, None, None] + torch.stack(torch.meshgrid(offs, offs, indexing="ij"), -1)
+        offsets = torch.arange(-LATTICE, LATTICE + 1) * tr.STEP
+        grid = starts[:, None, None] + torch.stack(torch.meshgrid(offsets, offsets, indexing="ij"), -1)
         self.starts, self.ok = starts, tr.free(grid)
         inf = torch.full(self.ok.shape, float("inf"))
+        # D: steps to the goal, 0 at the cells that count as reached, relaxed until nothing changes
         D = torch.where(self.ok & ((grid - goals[:, None, None]).norm(dim=-1) < tr.SUCCESS_DIST), 0.0, inf)
         while True:
-            nb = torch.stack([self.shift(D, m) for m in range(4)]).amin(0)
-            new = torch.where(self.ok, torch.minimum(D, nb + 1), inf)
+            best_neighbour = torch.stack([self.shift(D, m) for m in range(4)]).amin(0)
+            new = torch.where(self.ok, torch.minimum(D, best_neighbour + 1), inf)
             if torch.equal(new, D):
                 break
             D = new
@@ -168,12 +178,15 @@ def run_episodes(policy, starts, goals):
     steps = torch.full((len(starts),), tr.MAX_STEPS)
     paths, seconds = [pos.clone()], 0.0
     for t in range(tr.MAX_STEPS):
+        # the episodes still running
         active = (~done).nonzero().flatten()
         if not len(active):
             break
+        # their actions, timed
         t0 = time.time()
         actions = policy(pos[active], active)
         seconds += time.time() - t0
+        # move; an episode that reaches its goal stops there
         pos = pos.clone()
         pos[active] = tr.move(pos[active], actions)
         reached = ~done & ((pos - goals).norm(dim=1) < tr.SUCCESS_DIST)
@@ -192,33 +205,35 @@ def wilson(k, n, z=1.96):
 
 
 def load_models(spec):
+    """{label: (world model, PEIRA's regressor or None)} from a folder of <model>.pt or a list of files."""
     paths = sorted(glob.glob(os.path.join(spec, "*.pt"))) if os.path.isdir(spec) else spec.split(",")
-    paths = [p for p in paths if not os.path.basename(p).startswith("data_")]
-    if not paths or not all(os.path.isfile(p) for p in paths):
+    paths = [path for path in paths if not os.path.basename(path).startswith("data_")]  # not the data cache
+    if not paths or not all(os.path.isfile(path) for path in paths):
         raise SystemExit(f"no world models at {spec}: train them with `python two_rooms.py` first")
     models = {}
-    for p in paths:
+    for path in paths:
         try:
-            ckpt = torch.load(p, map_location="cpu", weights_only=True)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
             config = ckpt["config"]
             model = tr.WorldModel(config["res"], config["latent"], config["predictor"])
             model.load_state_dict(ckpt["model"])
         except (RuntimeError, KeyError, EOFError) as err:
-            raise SystemExit(f"{p} is not a world model of this two_rooms.py ({type(err).__name__}: {err}); "
-                             "train it again with `python two_rooms.py`")
+            raise SystemExit(f"{path} is not a world model of this two_rooms.py ({type(err).__name__}: "
+                             f"{err}); train it again with `python two_rooms.py`")
         models[config["label"]] = (model.eval(), ckpt["regressor"])
     return models
 
 
 def figure(paths, starts, goals, out, res=64):
+    """The paths of the first four episodes of every method, over the arena."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(paths), figsize=(3.2 * len(paths), 3.7))
-    for ax, (name, p) in zip(axes, paths.items()):
+    for ax, (name, path) in zip(axes, paths.items()):
         ax.imshow(tr.wall_image(res), cmap="Greys", extent=(0, tr.ARENA, tr.ARENA, 0))
         for e in range(min(4, len(starts))):
-            ax.plot(p[e, :, 0], p[e, :, 1], lw=1.2, color=f"C{e}")
+            ax.plot(path[e, :, 0], path[e, :, 1], lw=1.2, color=f"C{e}")
             ax.plot(*starts[e], "o", color=f"C{e}", ms=5)
             ax.plot(*goals[e], "*", color=f"C{e}", ms=10)
         ax.set_title(name, fontsize=10)
@@ -237,8 +252,8 @@ def distance_maps(models, goal, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     field = DistanceField(goal[None], goal[None])  # the lattice goal + STEP·(i, j) covers the arena
-    offs = torch.arange(-LATTICE, LATTICE + 1) * tr.STEP
-    grid = goal + torch.stack(torch.meshgrid(offs, offs, indexing="xy"), -1)       # (2L+1, 2L+1, 2)
+    offsets = torch.arange(-LATTICE, LATTICE + 1) * tr.STEP
+    grid = goal + torch.stack(torch.meshgrid(offsets, offsets, indexing="xy"), -1)   # (2L+1, 2L+1, 2)
     ok = tr.free(grid)
     maps = {"true steps to the goal": field(grid[None], torch.tensor([0]))[0]}
     for name, (model, _) in models.items():
@@ -268,6 +283,8 @@ def main(argv=None):
     models = load_models(args.models)
     os.makedirs(args.out, exist_ok=True)
     starts, goals = tr.start_goal_pairs(args.episodes, args.seed)
+
+    # the policies: references first, then the planner on each model; one generator for all
     gen = torch.Generator().manual_seed(args.seed)
     field = DistanceField(starts, goals)
     policies = {"oracle (shortest path)": lambda pos, episodes: oracle_action(field, pos, episodes),
@@ -276,23 +293,27 @@ def main(argv=None):
     for name, (model, regressor) in models.items():
         distances = latent_distances(model, goals, regressor if args.cost == "regressed" else None)
         policies[f"{name} + planner"] = Planner(distances, len(goals), args, gen)
+
+    # every policy on the same start/goal pairs
     rows, paths = [], {}
     for name, policy in tqdm(policies.items(), desc="methods", leave=False):
         success, steps, path, per_step = run_episodes(policy, starts, goals)
-        k = int(success.sum())
-        lo, hi = wilson(k, args.episodes)
-        rows.append({"method": name, "success": k / args.episodes, "ci95": [lo, hi],
-                     "mean_steps": steps[success].float().mean().item() if k else None,
+        successes = int(success.sum())
+        lo, hi = wilson(successes, args.episodes)
+        rows.append({"method": name, "success": successes / args.episodes, "ci95": [lo, hi],
+                     "mean_steps": steps[success].float().mean().item() if successes else None,
                      "plan_ms_per_step": 1e3 * per_step})
         paths[name] = path
+
+    # the table, plan.json and the figures
     print(f"\nTwo Rooms, {args.episodes} episodes (start/goal seed {args.seed}), success within "
           f"{tr.SUCCESS_DIST} units in {tr.MAX_STEPS} steps\n")
     print("| method | success | 95% CI | mean steps (successes) | planning ms/step |\n|---|---|---|---|---|")
-    for r in rows:
-        steps = "—" if r["mean_steps"] is None else f"{r['mean_steps']:.0f}"
-        lo, hi = (100 * x for x in r["ci95"])
-        print(f"| {r['method']} | {100 * r['success']:.0f}% | {lo:.0f}–{hi:.0f}% | "
-              f"{steps} | {r['plan_ms_per_step']:.1f} |")
+    for row in rows:
+        steps = "—" if row["mean_steps"] is None else f"{row['mean_steps']:.0f}"
+        lo, hi = (100 * x for x in row["ci95"])
+        print(f"| {row['method']} | {100 * row['success']:.0f}% | {lo:.0f}–{hi:.0f}% | "
+              f"{steps} | {row['plan_ms_per_step']:.1f} |")
     with open(os.path.join(args.out, "plan.json"), "w") as fh:
         json.dump({"config": vars(args), "rows": rows}, fh, indent=1)
     figure(paths, starts, goals, args.out)

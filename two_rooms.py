@@ -13,7 +13,7 @@ Actions: up, down, left, right, a fixed step; walls and the border block motion.
 
 Offline data: random-policy trajectories whose action persists with probability MOMENTUM; a
 fraction --door-fraction of them is guided through the door first, as PLDM's data force door
-crossings (Sobal et al. 2025: trained without crossings, its planning success falls from 97.8% to
+crossings (PLDM's paper: trained without crossings, its planning success falls from 97.8% to
 34.4%). The data are cached in --out under a hash of every parameter they depend on.
 
 World model: a state encoder V(s) = LayerNorm(Impala CNN(s)) and a state-action encoder
@@ -24,6 +24,21 @@ and V of the observed states; pldm and lewm add their regularisers to a predicti
 same model, data and budget. Writes into --out: the cached data, <model>.pt (weights, config,
 PEIRA's regressor), metrics.jsonl (training curves, open-loop prediction error by horizon on
 held-out trajectories), and <model>.png (training curve, latents of a grid of positions).
+
+References:
+  PLDM: V. Sobal, W. Zhang, K. Cho, R. Balestriero, T. G. J. Rudner and Y. LeCun, "Learning from
+    Reward-Free Offline Data: A Case for Planning with Latent Dynamics Models", arXiv preprint,
+    2025, arXiv:2502.14819 (Two Rooms, its data, loss and evaluation; its code's
+    objectives/vicreg.py for the loss terms).
+  LeWM: L. Maes, Q. Le Lidec, D. Scieur, Y. LeCun and R. Balestriero, "LeWorldModel: Stable
+    End-to-End Joint-Embedding Predictive Architecture from Pixels", arXiv preprint, 2026,
+    arXiv:2603.19312.
+  SIGReg: R. Balestriero and Y. LeCun, "LeJEPA: Provable and Scalable Self-Supervised Learning
+    Without the Heuristics", arXiv preprint, 2025, arXiv:2511.08544.
+  VICReg: A. Bardes, J. Ponce and Y. LeCun, "VICReg: Variance-Invariance-Covariance Regularization
+    for Self-Supervised Learning", ICLR 2022, arXiv:2105.04906.
+  Impala CNN: L. Espeholt et al., "IMPALA: Scalable Distributed Deep-RL with Importance Weighted
+    Actor-Learner Architectures", ICML 2018, arXiv:1802.01561.
 """
 import argparse
 import hashlib
@@ -74,7 +89,7 @@ DOOR_APPROACH = 6.0             # their waypoints: 6 units in front of the door 
 DATA_VERSION = 2                # bump when the generator changes: the cache key holds it
 SUCCESS_DIST = 2.0              # success: within one step of the goal (PLDM: 1 unit, continuous moves)
 MAX_STEPS = 200                 # episode length (PLDM)
-# PLDM (Sobal et al. 2025), its Two Rooms configuration: the coefficient of each term of its loss
+# PLDM's Two Rooms configuration: the coefficient of each term of its loss
 PLDM_COEFFS = {"pred": 1.0, "var": 3.9843, "cov": 6.9238, "var_t": 0.24535, "sim_t": 0.74242, "idm": 1.072}
 LEWM_SIGREG = 0.09              # LeWM: prediction + 0.09 · SIGReg
 SIGREG_DIRECTIONS, SIGREG_KNOTS = 256, 17
@@ -100,6 +115,7 @@ def move(pos, actions):
 
 
 def wall_image(res):
+    """The walls and the border as a (res, res) image of 0s and 1s."""
     c = (torch.arange(res) + 0.5) * ARENA / res
     y, x = torch.meshgrid(c, c, indexing="ij")
     border = (x < BORDER) | (x > ARENA - BORDER) | (y < BORDER) | (y > ARENA - BORDER)
@@ -119,6 +135,7 @@ def render(pos, res):
 
 
 def sample_free(n, gen, x_range=(BORDER + MARGIN, ARENA - BORDER - MARGIN)):
+    """n uniform positions off the walls, x in x_range (rejection sampling)."""
     pos = torch.empty(0, 2)
     while len(pos) < n:
         cand = torch.stack([torch.empty(2 * n).uniform_(*x_range, generator=gen),
@@ -163,33 +180,40 @@ def random_trajectories(n, length, seed, door_fraction=0.0, no_door=False):
     point in front of the door, through it, then on at random. The others, and every trajectory
     after its crossing, follow the momentum random policy. no_door drops every crossing one."""
     gen = torch.Generator().manual_seed(seed)
-    p = sample_free(n, gen)
-    side = torch.where(p[:, 0] < WALL_X, -1.0, 1.0)   # −1: left room
+    position = sample_free(n, gen)
+    side = torch.where(position[:, 0] < WALL_X, -1.0, 1.0)   # −1: left room
     door_y = torch.full((n,), DOOR_Y)
-    waypoints = torch.stack([torch.stack([WALL_X + side * DOOR_APPROACH, door_y], 1),
-                             torch.stack([WALL_X - side * DOOR_APPROACH, door_y], 1)], 1)  # (n, 2, 2)
-    phase = torch.where(torch.rand(n, generator=gen) < door_fraction, 0, 2)  # 0, 1: waypoint; 2: free
-    act = torch.randint(0, 4, (n,), generator=gen)
-    pos, actions, rows = [p], [], torch.arange(n)
+    waypoints = torch.stack([torch.stack([WALL_X + side * DOOR_APPROACH, door_y], 1),   # this side
+                             torch.stack([WALL_X - side * DOOR_APPROACH, door_y], 1)],  # the other
+                            1)                                                          # (n, 2, 2)
+    # phase 0: heading for the first waypoint, 1: for the second, 2: free (unguided, or across)
+    phase = torch.where(torch.rand(n, generator=gen) < door_fraction, 0, 2)
+    action = torch.randint(0, 4, (n,), generator=gen)
+    positions, actions, rows = [position], [], torch.arange(n)
     for _ in range(length):
+        # random policy: the previous action again with probability MOMENTUM
         keep = torch.rand(n, generator=gen) < MOMENTUM
-        act = torch.where(keep, act, torch.randint(0, 4, (n,), generator=gen))
+        action = torch.where(keep, action, torch.randint(0, 4, (n,), generator=gen))
+        # guided trajectories: a greedy step to the waypoint (level with the door first, then across),
+        # a random one with probability GUIDE_NOISE
         target = waypoints[rows, phase.clamp(max=1)]
-        d = target - p
-        greedy = torch.where(d[:, 1].abs() > STEP / 2,  # level with the door first, then across
-                             torch.where(d[:, 1] > 0, 1, 0), torch.where(d[:, 0] > 0, 3, 2))
+        to_target = target - position
+        vertical = torch.where(to_target[:, 1] > 0, 1, 0)      # down (y grows downwards), up
+        horizontal = torch.where(to_target[:, 0] > 0, 3, 2)    # right, left
+        greedy = torch.where(to_target[:, 1].abs() > STEP / 2, vertical, horizontal)
         guided = (phase < 2) & (torch.rand(n, generator=gen) >= GUIDE_NOISE)
-        act = torch.where(guided, greedy, act)
-        p = move(p, act)
-        reached = (target - p).abs().amax(1) <= STEP / 2
+        action = torch.where(guided, greedy, action)
+        # move; a guided trajectory at its waypoint heads for the next one
+        position = move(position, action)
+        reached = (target - position).abs().amax(1) <= STEP / 2
         phase = torch.where((phase < 2) & reached, phase + 1, phase)
-        pos.append(p)
-        actions.append(act)
-    pos, actions = torch.stack(pos, 1), torch.stack(actions, 1)
+        positions.append(position)
+        actions.append(action)
+    positions, actions = torch.stack(positions, 1), torch.stack(actions, 1)
     if no_door:
-        keep = (pos[..., 0] < WALL_X).all(1) | (pos[..., 0] > WALL_X).all(1)
-        pos, actions = pos[keep], actions[keep]
-    return pos, actions
+        stays = (positions[..., 0] < WALL_X).all(1) | (positions[..., 0] > WALL_X).all(1)
+        positions, actions = positions[stays], actions[stays]
+    return positions, actions
 
 
 def data_config(args):
@@ -219,15 +243,25 @@ def load_data(args):
             print(f"cached data {path} unreadable ({type(err).__name__}): generating them again")
     pos, actions = random_trajectories(args.trajectories, args.length, args.seed, config["door_fraction"],
                                        args.no_door_data)
-    tmp = path + ".tmp"
+    tmp = path + ".tmp"  # written whole, then renamed: an interrupted run leaves no truncated cache
     torch.save({"pos": pos, "actions": actions, "config": json.dumps(config)}, tmp)
     os.replace(tmp, path)
     return pos, actions
 
 
 def crossing_fraction(pos):
+    """The fraction of trajectories (n, T, 2) that ever change room."""
     side = pos[..., 0] < WALL_X
     return (side != side[:, :1]).any(1).float().mean().item()
+
+
+def sample_windows(pos, actions, batch, horizon, gen):
+    """Random windows: positions (B, H+1, 2) and actions (B, H)."""
+    n, length = actions.shape
+    i = torch.randint(0, n, (batch,), generator=gen)
+    t = torch.randint(0, length - horizon + 1, (batch,), generator=gen)
+    steps = t[:, None] + torch.arange(horizon + 1)
+    return pos[i[:, None], steps], actions[i[:, None], steps[:, :-1]]
 
 
 # -----------------------------------------------------------------------------
@@ -263,8 +297,8 @@ class WorldModel(nn.Module):
     z ← LayerNorm(z + MLP(z, a)) (predictor "mlp"), or z ← LayerNorm(GRU(a, z)) (predictor "gru",
     PLDM's cell). The encoder's LayerNorm is applied to every prediction, as PLDM ties it
     (tie_backbone_ln): a GRU state alone is a convex mix of values in (−1, 1), after the LayerNorm a
-    prediction reaches wherever an embedding can. The residual MLP cell predicts far better on this
-    task at the same budget (README: open-loop error and planning success of both)."""
+    prediction reaches wherever an embedding can. The residual MLP cell predicts far better on Two
+    Rooms at the same budget (README: open-loop error and planning success of both)."""
 
     def __init__(self, res, latent, predictor="mlp", hidden=128):
         super().__init__()
@@ -303,29 +337,34 @@ class WorldModel(nn.Module):
 # objectives
 
 def variance_covariance(z):
-    """VICReg's std hinge and off-diagonal covariance of z (B, D), the covariance's off-diagonal
-    sum of squares divided by D(D − 1) as in PLDM's code (objectives/vicreg.py, adjust_cov)."""
+    """VICReg's variance and covariance terms of z (B, D), written as train_cifar.py's vicreg_loss
+    writes them, with PLDM's normalisation of the covariance."""
+    n, d = z.shape
     z = z - z.mean(0)
-    var = F.relu(1 - torch.sqrt(z.var(0) + 1e-4)).mean()
-    c = z.T @ z / (len(z) - 1)
-    d = z.shape[1]
-    return var, (c.square().sum() - c.diagonal().square().sum()) / (d * (d - 1))
+    var = F.relu(1 - torch.sqrt(z.var(0) + 1e-4)).mean()  # one branch: no mean over two views
+    c = z.T @ z / (n - 1)
+    # PLDM's code divides the off-diagonal sum of squares by D(D − 1) (its adjust_cov), VICReg by D
+    cov = (c.square().sum() - c.diagonal().square().sum()) / (d * (d - 1))
+    return var, cov
 
 
 def temporal_variance(z):
-    """PLDM's std hinge across time: each window's std over its frames (B, T, D), per dimension."""
+    """PLDM's variance term across time: VICReg's std hinge, over the frames of each window of z
+    (B, T, D) instead of over the batch, averaged over windows and dimensions."""
     return F.relu(1 - torch.sqrt(z.var(1) + 1e-4)).mean()
 
 
 def sigreg(z, gen):
-    """LeJEPA's SIGReg: Epps–Pulley statistic of random 1-D projections against N(0, 1)."""
-    dirs = F.normalize(torch.randn(z.shape[1], SIGREG_DIRECTIONS, generator=gen).to(z.device), dim=0)
-    h = z @ dirs                                                        # (N, M)
+    """SIGReg (LeJEPA): the Epps–Pulley statistic of random 1-D projections of z (N, D) against
+    N(0, 1): the weighted squared distance between their empirical characteristic function and
+    exp(−t²/2), averaged over the projections."""
+    directions = torch.randn(z.shape[1], SIGREG_DIRECTIONS, generator=gen).to(z.device)
+    projections = z @ F.normalize(directions, dim=0)                    # (N, M)
     t = torch.linspace(0, 3, SIGREG_KNOTS, device=z.device)
-    th = h[..., None] * t                                               # (N, M, T)
-    err = (th.cos().mean(0) - torch.exp(-t ** 2 / 2)) ** 2 + th.sin().mean(0) ** 2
-    w = torch.exp(-t ** 2 / 2) * err
-    integral = ((w[..., 1:] + w[..., :-1]) / 2 * (t[1] - t[0])).sum(-1)  # trapezoid rule
+    tx = projections[..., None] * t                                     # (N, M, T)
+    distance = (tx.cos().mean(0) - torch.exp(-t ** 2 / 2)) ** 2 + tx.sin().mean(0) ** 2
+    weighted = torch.exp(-t ** 2 / 2) * distance
+    integral = ((weighted[..., 1:] + weighted[..., :-1]) / 2 * (t[1] - t[0])).sum(-1)  # trapezoid rule
     return len(z) * integral.mean()
 
 
@@ -339,99 +378,41 @@ def world_model_loss(name, model, obs, actions, peira_loss, idm, gen, without=()
         return loss, {}
     mse = F.mse_loss(pred, target)
     if name == "lewm":
-        reg = torch.stack([sigreg(z[:, t], gen) for t in range(z.shape[1])]).mean()
-        return mse + LEWM_SIGREG * reg, {"pred": mse.item(), "sigreg": reg.item()}
-    # PLDM (Sobal et al. 2025), as its code computes each term (objectives/vicreg.py): variance
-    # and covariance of the first frame, temporal variance of the later frames, temporal
-    # similarity a mean over frames, windows and dimensions, an inverse-dynamics classifier
+        sigreg_loss = torch.stack([sigreg(z[:, t], gen) for t in range(z.shape[1])]).mean()  # per frame
+        return mse + LEWM_SIGREG * sigreg_loss, {"pred": mse.item(), "sigreg": sigreg_loss.item()}
+    # PLDM, each term as its code computes it (objectives/vicreg.py): variance and covariance of
+    # the first frame, temporal variance of the later frames, temporal similarity a mean over
+    # frames, windows and dimensions, an inverse-dynamics classifier
     var, cov = variance_covariance(z[:, 0])
     var_t = temporal_variance(z[:, 1:])
-    sim = (z[:, 1:] - z[:, :-1]).square().mean()
+    sim_t = (z[:, 1:] - z[:, :-1]).square().mean()
     logits = idm(torch.cat([z[:, :-1], z[:, 1:]], -1))
-    inv = F.cross_entropy(logits.reshape(-1, 4), actions.reshape(-1))
-    c = {term: 0.0 if term in without else coeff for term, coeff in PLDM_COEFFS.items()}
-    loss = (c["pred"] * mse + c["var"] * var + c["cov"] * cov + c["var_t"] * var_t + c["sim_t"] * sim
-            + c["idm"] * inv)
+    idm_loss = F.cross_entropy(logits.reshape(-1, 4), actions.reshape(-1))
+    coeffs = {term: 0.0 if term in without else coeff for term, coeff in PLDM_COEFFS.items()}
+    loss = (coeffs["pred"] * mse + coeffs["var"] * var + coeffs["cov"] * cov + coeffs["var_t"] * var_t
+            + coeffs["sim_t"] * sim_t + coeffs["idm"] * idm_loss)
     return loss, {"pred": mse.item(), "var": var.item(), "cov": cov.item(), "var_t": var_t.item(),
-                  "sim_t": sim.item(), "idm": inv.item()}
-
-
-def sample_windows(pos, actions, batch, horizon, gen):
-    """Random windows: positions (B, H+1, 2) and actions (B, H)."""
-    n, length = actions.shape
-    i = torch.randint(0, n, (batch,), generator=gen)
-    t = torch.randint(0, length - horizon + 1, (batch,), generator=gen)
-    steps = t[:, None] + torch.arange(horizon + 1)
-    return pos[i[:, None], steps], actions[i[:, None], steps[:, :-1]]
+                  "sim_t": sim_t.item(), "idm": idm_loss.item()}
 
 
 # -----------------------------------------------------------------------------
-# training
-
-def train(name, args, pos, actions, held_out, device):
-    without = [t for t in args.without.split(",") if t] if name == "pldm" else []
-    label = "-".join([name] + [f"without-{t}" for t in without])   # also the checkpoint's name
-    torch.manual_seed(args.seed)
-    model = WorldModel(args.res, args.latent, args.predictor).to(device)
-    idm = nn.Sequential(nn.Linear(2 * args.latent, 64), nn.ReLU(), nn.Linear(64, 4)).to(device)
-    peira_loss = peira.PEIRALoss(args.latent, lam=args.lam, eta=PEIRA_ETA[0]).to(device)
-    params = list(model.parameters()) + (list(idm.parameters()) if name == "pldm" else [])
-    opt = torch.optim.Adam(params, lr=args.lr)
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    history, t0 = [], time.time()
-    for step in tqdm(range(args.steps), desc=f"{label} world model", leave=False):
-        frac = step / args.steps
-        for g in opt.param_groups:  # cosine learning rate
-            g["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * frac))
-        peira_loss.eta = PEIRA_ETA[0] + (PEIRA_ETA[1] - PEIRA_ETA[0]) * frac
-        p, a = sample_windows(pos, actions, args.batch_size, args.horizon, gen)
-        obs = render(p.to(device), args.res)
-        loss, parts = world_model_loss(name, model, obs, a.to(device), peira_loss, idm, gen, without)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"{name}: non-finite loss at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 20 == 0 or step == args.steps - 1:
-            if name == "peira":  # the aux loss's value means little: log the objective itself
-                parts = {"objective": peira_loss.objective()}
-            history.append({"model": label, "step": step, "loss": loss.item(), **parts})
-    seconds = time.time() - t0
-    regressor = peira_loss.P.float() if name == "peira" else None
-    model.eval()
-    error = prediction_error(model, *held_out, args.res, regressor)
-    print(f"{label}: open-loop prediction error / embedding variance, by horizon: "
-          + ", ".join(f"{h}: {e:.2f}" for h, e in error["raw"].items()))
-    history[-1]["prediction_error"] = error
-    if regressor is not None:
-        eigenvalues = torch.linalg.eigvals(regressor.double()).real
-        history[-1]["regressor_eigenvalues"] = eigenvalues.sort(descending=True).values.tolist()
-    path = os.path.join(args.out, f"{label}.pt")
-    tmp = path + ".tmp"
-    torch.save({"model": model.state_dict(), "config": {**vars(args), "loss": name, "label": label},
-                "seconds": seconds, "regressor": regressor}, tmp)
-    os.replace(tmp, path)
-    with open(os.path.join(args.out, "metrics.jsonl"), "a") as fh:
-        for h in history:
-            fh.write(json.dumps(h) + "\n")
-    figure(label, model, history, args, device)
-    return model, history, seconds
-
+# evaluation and figures
 
 @torch.no_grad()
 def prediction_error(model, pos, actions, res, regressor=None, horizons=(1, 4, 8, 16, 32), n=256):
     """Open-loop error E‖ẑ_h − z_h‖² / E‖z − E z‖² of the model's h-step predictions on
     held-out windows (and of Pẑ_h for PEIRA's regressor P): how far the model can be trusted."""
     horizons = [h for h in horizons if h < actions.shape[1]]
-    p, a = sample_windows(pos, actions, n, max(horizons), torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)  # the same windows for every model
+    window_pos, window_actions = sample_windows(pos, actions, n, max(horizons), gen)
     device = next(model.parameters()).device
-    z = model.encode(render(p.to(device), res))
-    pred = model.rollout(z[:, 0], a.to(device))
+    z = model.encode(render(window_pos.to(device), res))
+    pred = model.rollout(z[:, 0], window_actions.to(device))
     spread = (z - z.mean((0, 1))).square().sum(-1).mean()
-    out = {"raw": (pred - z[:, 1:]).square().sum(-1).mean(0) / spread}
+    errors = {"raw": (pred - z[:, 1:]).square().sum(-1).mean(0) / spread}
     if regressor is not None:
-        out["regressed"] = (pred @ regressor.T - z[:, 1:]).square().sum(-1).mean(0) / spread
-    return {key: {h: e[h - 1].item() for h in horizons} for key, e in out.items()}
+        errors["regressed"] = (pred @ regressor.T - z[:, 1:]).square().sum(-1).mean(0) / spread
+    return {key: {h: e[h - 1].item() for h in horizons} for key, e in errors.items()}
 
 
 @torch.no_grad()
@@ -446,17 +427,84 @@ def figure(label, model, history, args, device):
     z = model.encode(render(grid.to(device), args.res)).cpu()
     z = z - z.mean(0)
     pc = z @ torch.linalg.svd(z, full_matrices=False).Vh[:2].T
-    fig, ax = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     key = "objective" if "objective" in history[-1] else "loss"
-    ax[0].plot([h["step"] for h in history], [h[key] for h in history])
-    ax[0].set(xlabel="step", ylabel=key, title=f"{label}: training {key}")
-    for k, (coord, axis) in enumerate(((grid[:, 0], "x (wall at 32)"), (grid[:, 1], "y (door at 10)"))):
-        sc = ax[k + 1].scatter(pc[:, 0], pc[:, 1], c=coord, s=6, cmap="coolwarm" if k == 0 else "viridis")
-        fig.colorbar(sc, ax=ax[k + 1], label=axis)
-        ax[k + 1].set(xlabel="PC 1", ylabel="PC 2", title=f"latents of positions, coloured by {axis[0]}")
+    axes[0].plot([h["step"] for h in history], [h[key] for h in history])
+    axes[0].set(xlabel="step", ylabel=key, title=f"{label}: training {key}")
+    panels = ((grid[:, 0], "x (wall at 32)", "coolwarm"), (grid[:, 1], "y (door at 10)", "viridis"))
+    for ax, (coordinate, name, cmap) in zip(axes[1:], panels):
+        points = ax.scatter(pc[:, 0], pc[:, 1], c=coordinate, s=6, cmap=cmap)
+        fig.colorbar(points, ax=ax, label=name)
+        ax.set(xlabel="PC 1", ylabel="PC 2", title=f"latents of positions, coloured by {name[0]}")
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, f"{label}.png"), dpi=110)
     plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# training
+
+def train(name, args, pos, actions, held_out, device):
+    """Trains one world model with objective `name`; saves it, its metrics and its figure."""
+    without = []
+    if name == "pldm":  # the ablations drop PLDM's terms only
+        without = [term for term in args.without.split(",") if term]
+    label = "-".join([name] + [f"without-{term}" for term in without])   # also the checkpoint's name
+    torch.manual_seed(args.seed)
+    model = WorldModel(args.res, args.latent, args.predictor).to(device)
+    idm = nn.Sequential(nn.Linear(2 * args.latent, 64), nn.ReLU(), nn.Linear(64, 4)).to(device)
+    peira_loss = peira.PEIRALoss(args.latent, lam=args.lam, eta=PEIRA_ETA[0]).to(device)
+    params = list(model.parameters()) + (list(idm.parameters()) if name == "pldm" else [])
+    opt = torch.optim.Adam(params, lr=args.lr)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    history, t0 = [], time.time()
+    for step in tqdm(range(args.steps), desc=f"{label} world model", leave=False):
+        # schedule: cosine learning rate; PEIRA's running-moment weight annealed linearly
+        progress = step / args.steps
+        for group in opt.param_groups:
+            group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+        peira_loss.eta = PEIRA_ETA[0] + (PEIRA_ETA[1] - PEIRA_ETA[0]) * progress
+        # data: random windows of the offline trajectories, rendered
+        window_pos, window_actions = sample_windows(pos, actions, args.batch_size, args.horizon, gen)
+        obs = render(window_pos.to(device), args.res)
+        # forward and loss
+        loss, parts = world_model_loss(name, model, obs, window_actions.to(device), peira_loss, idm, gen,
+                                       without)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"{name}: non-finite loss at step {step}")
+        # step
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        # log: every 20 steps and the last one
+        if step % 20 == 0 or step == args.steps - 1:
+            if name == "peira":  # the aux loss's value means little: log the objective itself
+                parts = {"objective": peira_loss.objective()}
+            history.append({"model": label, "step": step, "loss": loss.item(), **parts})
+    seconds = time.time() - t0
+
+    # open-loop prediction error on the held-out trajectories; PEIRA's regressor's spectrum
+    regressor = peira_loss.P.float() if name == "peira" else None
+    model.eval()
+    error = prediction_error(model, *held_out, args.res, regressor)
+    print(f"{label}: open-loop prediction error / embedding variance, by horizon: "
+          + ", ".join(f"{h}: {e:.2f}" for h, e in error["raw"].items()))
+    history[-1]["prediction_error"] = error
+    if regressor is not None:
+        eigenvalues = torch.linalg.eigvals(regressor.double()).real
+        history[-1]["regressor_eigenvalues"] = eigenvalues.sort(descending=True).values.tolist()
+
+    # checkpoint (written whole, then renamed), metrics, figure
+    path = os.path.join(args.out, f"{label}.pt")
+    tmp = path + ".tmp"
+    torch.save({"model": model.state_dict(), "config": {**vars(args), "loss": name, "label": label},
+                "seconds": seconds, "regressor": regressor}, tmp)
+    os.replace(tmp, path)
+    with open(os.path.join(args.out, "metrics.jsonl"), "a") as fh:
+        for record in history:
+            fh.write(json.dumps(record) + "\n")
+    figure(label, model, history, args, device)
+    return model, history, seconds
 
 
 def main(argv=None):
@@ -468,16 +516,20 @@ def main(argv=None):
         parser.error("need --horizon < --length, --res ≥ 8, --steps ≥ 1, --lam > 0")
     if not 0 <= args.door_fraction <= 1:
         parser.error(f"--door-fraction is a fraction in [0, 1], got {args.door_fraction}")
-    unknown = {t for t in args.without.split(",") if t} - (set(PLDM_COEFFS) - {"pred"})
+    unknown = {term for term in args.without.split(",") if term} - (set(PLDM_COEFFS) - {"pred"})
     if unknown:
         parser.error(f"--without takes var, cov, var_t, sim_t, idm; got {', '.join(sorted(unknown))}")
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    # offline data, and held-out trajectories from another seed for the prediction error
     pos, actions = load_data(args)
     print(f"offline data: {len(pos)} trajectories × {args.length} steps, "
           f"{100 * crossing_fraction(pos):.0f}% cross the door")
     held_out = random_trajectories(256, args.length, args.seed + 7919, data_config(args)["door_fraction"],
                                    args.no_door_data)
+
+    # one world model per objective, then a table of their final loss and open-loop error
     rows = []
     for name in losses:
         _, history, seconds = train(name, args, pos, actions, held_out, device)
