@@ -1,6 +1,8 @@
 """PEIRA: Predictive Embeddings through Inter-View Regressor Alignment.
 
-The core of the method in one copy-pasteable file (torch only).
+The core of the method in one copy-pasteable file (torch only). The method: M. Arbel, with
+B. Terver and J. Ponce, "Learning Predictive Embeddings through Inter-View Regressor Alignment",
+CILVR seminar, NYU, 21 April 2026 (the talk), and the PEIRA preprint, arXiv:2605.17671 (2026).
 
 Two encoders U, V map two views x, y of the same input to k-dim embeddings u, v.
 With uncentered moments
@@ -22,12 +24,16 @@ Training uses the auxiliary loss (same gradient as L_PEIRA when P, Q are the opt
 with P, Q formed from running moments, all-reduced across ranks under data parallelism:
 
     >>> import torch
-    >>> loss_fn = PEIRALoss(dim=8, lam=0.1, eta=0.5)
+    >>> peira_loss = PEIRALoss(dim=8, lam=0.1, eta=0.5)
     >>> u, v = torch.randn(32, 8, requires_grad=True), torch.randn(32, 8, requires_grad=True)
-    >>> loss = loss_fn(u, v)          # update moments, form P and Q, return L_aux
+    >>> loss = peira_loss(u, v)     # update moments, form P and Q, return L_aux
     >>> loss.backward()
-    >>> sorted(loss_fn.stats())
-    ['alignment', 'embedding_std', 'eta', 'objective', 'rank_N', 'trace_P']
+    >>> sorted(peira_loss.stats())
+    ['alignment', 'embedding_std', 'eta', 'kept', 'median_corr', 'objective', 'rank_N', 'trace_P']
+
+Contents, in this order: moments, regressor, objective, auxiliary loss, PEIRALoss; then the
+tools to check the theory (nonlinear and linear CCA, the amplitudes of PEIRA's and SimSiam's
+minimisers) and two diagnostics; last, the input checks and the computation precision.
 """
 import contextlib
 import math
@@ -38,41 +44,13 @@ import torch.nn as nn
 
 __all__ = [
     "moments", "optimal_regressor", "peira_objective", "aux_loss", "PEIRALoss",
-    "nonlinear_cca", "linear_cca", "peira_filter", "simsiam_filter",
+    "nonlinear_cca", "linear_cca", "canonical_correlations", "peira_filter", "simsiam_filter",
     "effective_rank", "alignment",
 ]
 
 
 # -----------------------------------------------------------------------------
-# input checks
-
-def _check_lam(lam):
-    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam > 0):
-        raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
-
-
-def _check_pair(u, v):
-    if u.ndim != 2 or u.shape != v.shape:
-        raise ValueError(f"u and v must both have shape (batch, dim), got {tuple(u.shape)} "
-                         f"and {tuple(v.shape)}")
-    if u.shape[0] < 2:
-        raise ValueError("batch size 1: moments need at least 2 samples per batch")
-
-
-def _compute_dtype(x):
-    """float64 stays float64; half, bfloat16 and float32 are computed in float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _no_autocast(x):
-    try:
-        return torch.autocast(device_type=x.device.type, enabled=False)
-    except RuntimeError:  # a device without autocast (e.g. meta) needs no guard
-        return contextlib.nullcontext()
-
-
-# -----------------------------------------------------------------------------
-# moments, regressor, objective, auxiliary loss
+# moments
 
 def _moment_sums(u, v):
     """Sums over the batch: (Σ uuᵀ + vvᵀ, Σ uvᵀ + vuᵀ, Σ u, Σ v), in float32 or float64."""
@@ -108,6 +86,9 @@ def moments(u, v, center=False):
         return _moments_from_sums(*_moment_sums(u, v), u.shape[0], center=False)
 
 
+# -----------------------------------------------------------------------------
+# regressor
+
 def optimal_regressor(N, S, lam):
     """(P, Q) with Q = (N + λI)⁻¹ and P = S Q; Q from a Cholesky factorisation of N + λI.
 
@@ -124,6 +105,9 @@ def optimal_regressor(N, S, lam):
         return S @ Q, Q
 
 
+# -----------------------------------------------------------------------------
+# objective
+
 def _objective(N, S, lam):
     """−½ Tr(S (N + λI)⁻¹) + (λ/2) Tr(N): L_PEIRA written with the moments."""
     P, _ = optimal_regressor(N, S, lam)
@@ -138,6 +122,9 @@ def peira_objective(u, v, lam, center=False):
     N, S = moments(u, v, center)
     return _objective(N, S, lam)
 
+
+# -----------------------------------------------------------------------------
+# auxiliary loss
 
 def aux_loss(u, v, P, Q, lam):
     """Auxiliary loss ½E[(Qu)ᵀ(Pu − v)] + ½E[(Qv)ᵀ(Pv − u)] + (λ/2)E[‖u‖² + ‖v‖²].
@@ -157,26 +144,10 @@ def aux_loss(u, v, P, Q, lam):
 
 
 # -----------------------------------------------------------------------------
-# diagnostics
-
-def effective_rank(N):
-    """exp(entropy of the normalised eigenvalues) of a PSD matrix (Roy & Vetterli, 2007)."""
-    eig = torch.linalg.eigvalsh(N.double()).clamp_min(0)
-    p = eig / eig.sum().clamp_min(1e-300)
-    return torch.exp(-(p * torch.log(p.clamp_min(1e-300))).sum()).item()
-
-
-def alignment(P, S):
-    """Cosine ⟨P, S⟩_F / (‖P‖_F ‖S‖_F) between the regressor and the cross moment."""
-    P, S = P.double(), S.double()
-    return ((P * S).sum() / (P.norm() * S.norm()).clamp_min(1e-300)).item()
-
-
-# -----------------------------------------------------------------------------
 # the training module: running moments, all-reduced under data parallelism
 
 class PEIRALoss(nn.Module):
-    """PEIRA loss with running moments (the preprint's Algorithm 1).
+    """PEIRA loss with running moments (Algorithm 1 of the preprint, arXiv:2605.17671).
 
     forward(u, v), in training mode:
       1. batch moment sums of u, v, all-reduced across ranks when torch.distributed is
@@ -203,37 +174,6 @@ class PEIRALoss(nn.Module):
     def extra_repr(self):
         return f"dim={self.dim}, lam={self.lam}, eta={self.eta}, center={self.center}"
 
-    def _global_sums(self, u, v):
-        """Moment sums over the global batch, and its size: one all_reduce when distributed."""
-        sums = _moment_sums(u, v)
-        flat = torch.cat([s.flatten() for s in sums] + [sums[2].new_tensor([u.shape[0]])])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flat)
-        k = self.dim
-        sum_nn, sum_ss = flat[:k * k].view(k, k), flat[k * k:2 * k * k].view(k, k)
-        sum_u, sum_v, n = flat[2 * k * k:2 * k * k + k], flat[2 * k * k + k:-1], flat[-1]
-        return sum_nn, sum_ss, sum_u, sum_v, n
-
-    def _raise_non_finite(self, u, v):
-        bad = [f"{name} has {int((~torch.isfinite(t)).sum())} non-finite of {t.numel()} entries"
-               for name, t in (("u", u), ("v", v)) if not torch.isfinite(t).all()]
-        where = "; ".join(bad) if bad else "the embeddings of another rank are non-finite"
-        raise FloatingPointError(f"PEIRALoss step {int(self.steps)}: {where}")
-
-    @torch.no_grad()
-    def _update(self, u, v):
-        sum_nn, sum_ss, sum_u, sum_v, n = self._global_sums(u.detach(), v.detach())
-        if not torch.isfinite(sum_nn).all():  # the one host sync of a step
-            self._raise_non_finite(u, v)
-        N, S = _moments_from_sums(sum_nn, sum_ss, sum_u, sum_v, n, self.center)
-        eta = torch.where(self.steps == 0, 1.0, self.eta).to(self.N.dtype)  # no host sync
-        self.N.lerp_(N.to(self.N.dtype), eta)
-        self.S.lerp_(S.to(self.S.dtype), eta)
-        self.steps += 1
-        var = sum_nn.diagonal() / n - (sum_u / n) ** 2 - (sum_v / n) ** 2  # per-dim var u + var v
-        self.embedding_std.copy_((var / 2).clamp_min(0).sqrt().mean())
-        return (sum_u / n, sum_v / n)
-
     def forward(self, u, v):
         _check_pair(u, v)
         if u.shape[1] != self.dim:
@@ -251,6 +191,38 @@ class PEIRALoss(nn.Module):
         P, Q = optimal_regressor(self.N, self.S, self.lam)
         return aux_loss(u, v, P, Q, self.lam)
 
+    @torch.no_grad()
+    def _update(self, u, v):
+        """Steps 1 and 2: the running moments take in this batch; returns its (global) means."""
+        sum_nn, sum_ss, sum_u, sum_v, n = self._global_sums(u.detach(), v.detach())
+        if not torch.isfinite(sum_nn).all():  # the one host sync of a step
+            self._raise_non_finite(u, v)
+        N, S = _moments_from_sums(sum_nn, sum_ss, sum_u, sum_v, n, self.center)
+        eta = torch.where(self.steps == 0, 1.0, self.eta).to(self.N.dtype)  # no host sync
+        self.N.lerp_(N.to(self.N.dtype), eta)
+        self.S.lerp_(S.to(self.S.dtype), eta)
+        self.steps += 1
+        var = sum_nn.diagonal() / n - (sum_u / n) ** 2 - (sum_v / n) ** 2  # per-dim var u + var v
+        self.embedding_std.copy_((var / 2).clamp_min(0).sqrt().mean())
+        return (sum_u / n, sum_v / n)
+
+    def _global_sums(self, u, v):
+        """Moment sums over the global batch, and its size: one all_reduce when distributed."""
+        sums = _moment_sums(u, v)
+        flat = torch.cat([s.flatten() for s in sums] + [sums[2].new_tensor([u.shape[0]])])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flat)
+        k = self.dim
+        sum_nn, sum_ss = flat[:k * k].view(k, k), flat[k * k:2 * k * k].view(k, k)
+        sum_u, sum_v, n = flat[2 * k * k:2 * k * k + k], flat[2 * k * k + k:-1], flat[-1]
+        return sum_nn, sum_ss, sum_u, sum_v, n
+
+    def _raise_non_finite(self, u, v):
+        bad = [f"{name} has {int((~torch.isfinite(t)).sum())} non-finite of {t.numel()} entries"
+               for name, t in (("u", u), ("v", v)) if not torch.isfinite(t).all()]
+        where = "; ".join(bad) if bad else "the embeddings of another rank are non-finite"
+        raise FloatingPointError(f"PEIRALoss step {int(self.steps)}: {where}")
+
     @property
     def P(self):
         return optimal_regressor(self.N, self.S, self.lam)[0]
@@ -264,22 +236,26 @@ class PEIRALoss(nn.Module):
         return _objective(self.N, self.S, self.lam).item()
 
     def stats(self):
-        """Diagnostics for logging: objective, Tr P, effective rank of N, alignment ⟨P, S⟩,
-        mean per-dimension std of the last batch's embeddings, current eta."""
-        P, _ = optimal_regressor(self.N, self.S, self.lam)
-        trace_P = torch.trace(P).item()
+        """Diagnostics for logging: objective, Tr P, effective rank of N, alignment ⟨P, S⟩, the
+        median canonical correlation of the embeddings and the fraction of the k dimensions
+        whose correlation exceeds λ² (the directions PEIRA keeps at its optimum), the mean
+        per-dimension std of the last batch's embeddings, current eta."""
+        P = self.P
+        corr = canonical_correlations(self.N, self.S)
         return {
-            "objective": -0.5 * trace_P + 0.5 * self.lam * torch.trace(self.N).item(),
-            "trace_P": trace_P,
+            "objective": self.objective(),
+            "trace_P": torch.trace(P).item(),
             "rank_N": effective_rank(self.N),
             "alignment": alignment(P, self.S),
+            "median_corr": corr.median().item(),
+            "kept": (corr > self.lam ** 2).double().sum().item() / self.dim,
             "embedding_std": self.embedding_std.item(),
             "eta": self.eta,
         }
 
 
 # -----------------------------------------------------------------------------
-# canonical correlation analysis and spectral filters
+# canonical correlation analysis: what the global minimisers are made of
 
 def nonlinear_cca(joint, k=None):
     """Nonlinear CCA of a discrete joint probability table J (nx, ny).
@@ -340,6 +316,23 @@ def linear_cca(x, y, k=None, eps=0.0):
     return s[:k], A, B
 
 
+def canonical_correlations(N, S, rtol=1e-9):
+    """Canonical correlations of the embeddings u, v from their symmetrised moments N, S:
+    the eigenvalues of N^{-1/2} S N^{-1/2} (descending), on the span of N (eigenvalues of N below
+    rtol · the largest are left out). With exchangeable views E[uuᵀ] = E[vvᵀ] = N/2 and
+    E[uvᵀ] = S/2, so these are the (uncentered) canonical correlations of u and v. PEIRA keeps a
+    direction at its optimum only if its correlation s exceeds λ² (peira_filter).
+    """
+    N, S = N.double(), S.double()
+    eig, vec = torch.linalg.eigh((N + N.T) / 2)
+    keep = eig > rtol * eig.max().clamp_min(1e-300)
+    whiten = vec[:, keep] / eig[keep].sqrt()
+    return torch.linalg.eigvalsh(whiten.T @ ((S + S.T) / 2) @ whiten).flip(0)
+
+
+# -----------------------------------------------------------------------------
+# filters: amplitude of each canonical direction at the minimisers / equilibria
+
 def peira_filter(s, lam):
     """Amplitudes of PEIRA's global minimisers: sqrt(max(√s − λ, 0) / 2)."""
     s = torch.as_tensor(s)
@@ -352,3 +345,49 @@ def simsiam_filter(s, lam):
     s = torch.as_tensor(s)
     disc = s.square() - 4 * lam
     return torch.where(disc >= 0, (s + disc.clamp_min(0).sqrt()) / 2, torch.zeros_like(s))
+
+
+# -----------------------------------------------------------------------------
+# diagnostics (PEIRALoss.stats)
+
+def effective_rank(N):
+    """exp(entropy of the normalised eigenvalues) of a PSD matrix (O. Roy and M. Vetterli, "The
+    effective rank: a measure of effective dimensionality", EUSIPCO 2007)."""
+    eig = torch.linalg.eigvalsh(N.double()).clamp_min(0)
+    p = eig / eig.sum().clamp_min(1e-300)
+    return torch.exp(-(p * torch.log(p.clamp_min(1e-300))).sum()).item()
+
+
+def alignment(P, S):
+    """Cosine ⟨P, S⟩_F / (‖P‖_F ‖S‖_F) between the regressor and the cross moment."""
+    P, S = P.double(), S.double()
+    return ((P * S).sum() / (P.norm() * S.norm()).clamp_min(1e-300)).item()
+
+
+# -----------------------------------------------------------------------------
+# input checks and computation precision, used throughout the file
+
+def _check_lam(lam):
+    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam > 0):
+        raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
+
+
+def _check_pair(u, v):
+    if u.ndim != 2 or u.shape != v.shape:
+        raise ValueError(f"u and v must both have shape (batch, dim), got {tuple(u.shape)} "
+                         f"and {tuple(v.shape)}")
+    if u.shape[0] < 2:
+        raise ValueError("batch size 1: moments need at least 2 samples per batch")
+
+
+def _compute_dtype(x):
+    """float64 stays float64; half, bfloat16 and float32 are computed in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _no_autocast(x):
+    """Autocast would form the moments and the inverse in half precision: it is turned off there."""
+    try:
+        return torch.autocast(device_type=x.device.type, enabled=False)
+    except RuntimeError:  # a device without autocast (e.g. meta) needs no guard
+        return contextlib.nullcontext()
