@@ -6,17 +6,22 @@
     python train_imagenet.py --data /path/to/imagenet --accum-steps 8   # one GPU, 8 micro-batches
     python train_imagenet.py --data /path/to/imagenet --eval out/imagenet/ckpt.pt   # linear probe
 
---data holds ImageFolder train/ and val/ with the same class folders (one per class). Each --loss
-runs its own recipe unless flags override it (RECIPES): PEIRA the preprint's (λ 0.1, η 0.9 → 0.5,
-global batch 2048, LARS lr 2.4, 10 warmup epochs, cosine to 2e-3, wd 1e-6, clipping 1.0, projector
-8192-8192-256), VICReg its paper's (LARS lr 0.2 · batch / 256, cosine to 0.001 of it, wd 1e-6,
-projector 8192-8192-8192, no clipping); 100 epochs, bf16 autocast, SyncBatchNorm. A run restarted
-with the same --out resumes from its last checkpoint (preemption) when the configuration matches;
-the data order and every augmentation are functions of (seed, epoch, image index), so a resumed
-run continues exactly and ranks never share augmentations. With --accum-steps a > 1 each
-micro-batch of a PEIRA step uses η_micro = 1 − (1 − η)^(1/a), so the moments decay over an
-optimiser step as they would with the whole batch; VICReg's accumulation is exact up to
-batch-norm statistics, which are per micro-batch (train_step).
+--data holds ImageFolder train/ and val/ with the same class folders (one per class). Losses
+(--loss): peira (running moments, η annealed), vicreg (25 / 25 / 1, global-batch statistics). Each
+loss runs its own recipe unless flags override it (RECIPES). peira: the recipe of the PEIRA
+preprint (arXiv:2605.17671), λ 0.1, η 0.9 → 0.5, global batch 2048, LARS lr 2.4, 10 warmup epochs,
+cosine to 2e-3, wd 1e-6, clipping 1.0, projector 8192-8192-256. vicreg: VICReg's, LARS lr 0.2 ·
+batch / 256, cosine to 0.001 of it, wd 1e-6, projector 8192-8192-8192, no clipping. Both: 100
+epochs, bf16 autocast, SyncBatchNorm. Every epoch: online linear probe on val/, the PEIRA
+objective and diagnostics of the embeddings (for both losses), a checkpoint (the previous one is
+kept as ckpt.pt.prev). Writes into --out: config.json, metrics.jsonl, ckpt.pt.
+
+A run restarted with the same --out resumes from its last checkpoint (preemption) when the
+configuration matches; the data order and every augmentation are functions of (seed, epoch, image
+index), so a resumed run continues exactly and ranks never share augmentations. With
+--accum-steps a > 1 each micro-batch of a PEIRA step uses η_micro = 1 − (1 − η)^(1/a), so the
+moments decay over an optimiser step as they would with the whole batch; VICReg's accumulation is
+exact up to batch-norm statistics, which are per micro-batch (train_step).
 """
 import argparse
 import json
@@ -76,15 +81,17 @@ parser.add_argument("--probe-batch", type=int, default=1024)
 parser.add_argument("--seed", type=int, default=0)
 
 RECIPES = {
-    # the preprint's ImageNet recipe
+    # the PEIRA preprint's ImageNet recipe (arXiv:2605.17671)
     "peira": dict(lr=2.4, min_lr=2e-3, wd=1e-6, warmup_epochs=10, clip=1.0, proj="8192-8192-256"),
-    # VICReg's (Bardes, Ponce & LeCun, ICLR 2022, and its reference code): LARS, lr 0.2 · batch / 256,
-    # 10 warmup epochs, cosine to 0.001 of the peak, wd 1e-6, projector 8192-8192-8192, no clipping
+    # VICReg's (A. Bardes, J. Ponce and Y. LeCun, "VICReg: Variance-Invariance-Covariance
+    # Regularization for Self-Supervised Learning", ICLR 2022, arXiv:2105.04906, and its reference
+    # code): LARS, lr 0.2 · batch / 256, 10 warmup epochs, cosine to 0.001 of the peak, wd 1e-6,
+    # projector 8192-8192-8192, no clipping
     "vicreg": dict(lr_per_256=0.2, min_lr_ratio=1e-3, wd=1e-6, warmup_epochs=10, clip=0.0,
                    proj="8192-8192-8192"),
 }
-VICREG_COEFFS = (25.0, 25.0, 1.0)
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+VICREG_COEFFS = (25.0, 25.0, 1.0)  # invariance, variance, covariance (official VICReg)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 # =============================================================================
@@ -178,6 +185,17 @@ def learning_rate(step, total, warmup, peak, floor=0.0):
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
 
+def mlp(dims, last_bn):
+    """Linear-BN-ReLU layers, then a last Linear (followed by a BN without affine if last_bn)."""
+    layers = []
+    for i in range(len(dims) - 2):
+        layers += [nn.Linear(dims[i], dims[i + 1], bias=False), nn.BatchNorm1d(dims[i + 1]), nn.ReLU()]
+    layers.append(nn.Linear(dims[-2], dims[-1]))
+    if last_bn:
+        layers.append(nn.BatchNorm1d(dims[-1], affine=False))
+    return nn.Sequential(*layers)
+
+
 def average_gradients(module, world):
     """Mean of a module's gradients over the ranks: the online probe lives outside DDP."""
     if world > 1:
@@ -204,9 +222,10 @@ def train_step(forward, ddp, model, probe, peira_loss, opts, batch, loss_name, l
     mean over the ranks: a non-finite loss on one rank stops every rank at the same step, before
     the probe's all-reduce) and the last micro-batch's embeddings of view 1 (detached)."""
     x1, x2, y = batch
-    opt, probe_opt = opts
+    opt, probe_opt = opts  # probe None: no online probe in the step (train_cifar.py fits it per epoch)
     opt.zero_grad(set_to_none=True)
-    probe_opt.zero_grad(set_to_none=True)
+    if probe is not None:
+        probe_opt.zero_grad(set_to_none=True)
     parts = [slice(j, None, accum) for j in range(accum)]
     eta_micro = eta if accum == 1 else 1 - (1 - eta) ** (1 / accum)
     total = 0.0
@@ -229,7 +248,7 @@ def train_step(forward, ddp, model, probe, peira_loss, opts, batch, loss_name, l
         sync = ddp.no_sync() if ddp is not None and j < accum - 1 else nullcontext()
         with sync, autocast:
             h1, z1, z2, p1, p2 = forward(x1[s], x2[s])
-            probe_loss = F.cross_entropy(probe(h1.detach().float()), y[s])
+            probe_loss = 0.0 if probe is None else F.cross_entropy(probe(h1.detach().float()), y[s])
             if two_pass:  # the gradient of the whole batch's loss w.r.t. these rows
                 loss = (g1[j] * z1.float()).sum() + (g2[j] * z2.float()).sum()
             else:
@@ -247,11 +266,12 @@ def train_step(forward, ddp, model, probe, peira_loss, opts, batch, loss_name, l
     loss_value, z1 = float(total), z1.detach()
     if not math.isfinite(loss_value):
         return loss_value, z1  # nothing is updated on any rank; the caller stops, naming the checkpoint
-    average_gradients(probe, world)
     if clip > 0:
         nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.step()
-    probe_opt.step()
+    if probe is not None:
+        average_gradients(probe, world)
+        probe_opt.step()
     return loss_value, z1
 
 
@@ -378,7 +398,7 @@ def metrics_records(path, upto_epoch=None):
 
 
 # -----------------------------------------------------------------------------
-# data: ImageFolder, the VICReg/BYOL asymmetric two-view recipe
+# data: ImageFolder, the asymmetric two-view recipe of BYOL and VICReg
 
 def _has_image(folder):
     """Whether folder (or a sub-folder) holds a file ImageFolder loads; stops at the first one."""
@@ -407,8 +427,9 @@ def class_folders(path):
         sys.exit(f"{path} has no class folders: expected {path}/<class>/<image files>")
     empty = [name for name in folders if not _has_image(os.path.join(path, name))]
     if empty:
+        more = " ..." if len(empty) > 10 else ""
         sys.exit(f"{path}: class folders without images ({', '.join(IMG_EXTENSIONS)}): "
-                 f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}")
+                 f"{', '.join(empty[:10])}{more}")
     return folders
 
 
@@ -429,6 +450,10 @@ def read_rgb(path):
 
 
 def view_transform(size, blur_p, solarize_p):
+    """One view's augmentation, as in BYOL (J.-B. Grill et al., "Bootstrap Your Own Latent: A New
+    Approach to Self-Supervised Learning", NeurIPS 2020, arXiv:2006.07733) and VICReg: random
+    resized crop (8-100% of the image), flip, colour jitter, grayscale, then blur and solarize
+    with the view's own probabilities."""
     return v2.Compose([
         v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
         v2.RandomHorizontalFlip(),
@@ -437,13 +462,14 @@ def view_transform(size, blur_p, solarize_p):
         v2.RandomApply([v2.GaussianBlur(23 if size >= 64 else 3, sigma=(0.1, 2.0))], p=blur_p),
         v2.RandomSolarize(128, p=solarize_p),
         v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(MEAN, STD),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
 
 
 def eval_transform(size):
+    """Clean images for the probes: resize to size · 256 / 224, centre crop."""
     return v2.Compose([v2.Resize(int(size * 256 / 224), antialias=True), v2.CenterCrop(size),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 class TwoViews(torch.utils.data.Dataset):
@@ -473,48 +499,47 @@ def clean_loader(root, size, batch, workers, rank, world):
 
 
 # -----------------------------------------------------------------------------
-# model
+# model: torchvision ResNet-50, projector (no predictor: SimSiam is not run on ImageNet)
 
-def build_model(proj_spec):
-    """torchvision ResNet-50 (fc removed) and the projector (Linear-BN-ReLU ×2, Linear)."""
-    backbone = torchvision.models.resnet50()
-    backbone.fc = nn.Identity()
-    dims = [2048] + [int(d) for d in proj_spec.split("-")]
-    layers = []
-    for i in range(len(dims) - 2):
-        layers += [nn.Linear(dims[i], dims[i + 1], bias=False), nn.BatchNorm1d(dims[i + 1]), nn.ReLU()]
-    layers.append(nn.Linear(dims[-2], dims[-1]))
-    return nn.ModuleDict({"backbone": backbone, "projector": nn.Sequential(*layers)})
+def resnet50():
+    """torchvision's ResNet-50 without its classifier. Output: pooled features (2048-d)."""
+    net = torchvision.models.resnet50()  # fc is built and initialised (drawing from the RNG), then dropped
+    net.fc = nn.Identity()
+    net.dim = 2048
+    return net
 
 
-def embed(model, x1, x2):
-    """(h1, z1, z2, None, None): each view in its own forward (batch-norm statistics per view), as
-    in the reference implementations of VICReg and BYOL."""
-    h1, h2 = model["backbone"](x1), model["backbone"](x2)
-    return h1, model["projector"](h1), model["projector"](h2), None, None
+class SSLModel(nn.Module):
+    """ResNet-50 and projector. loss as in train_cifar.py's SSLModel, where simsiam adds a
+    predictor: neither ImageNet loss (peira, vicreg) has one."""
 
-
-class Encoder(nn.Module):  # the forward that DDP wraps
-    def __init__(self, model):
+    def __init__(self, loss, proj):
         super().__init__()
-        self.model = model
+        self.backbone = resnet50()
+        dims = [self.backbone.dim] + proj
+        self.projector = mlp(dims, last_bn=False)
+        self.predictor = None
 
     def forward(self, x1, x2):
-        return embed(self.model, x1, x2)
+        """(h1, z1, z2, p1, p2), p1 = p2 = None (no predictor). Each view in its own forward:
+        batch-norm statistics per view, as in the reference implementations of VICReg and BYOL."""
+        h1, h2 = self.backbone(x1), self.backbone(x2)
+        z1, z2 = self.projector(h1), self.projector(h2)
+        return h1, z1, z2, None, None
 
 
 # -----------------------------------------------------------------------------
-# evaluation
+# evaluation: online probe on val/, offline linear probe
 
 @torch.no_grad()
-def backbone_features(model, loader, device):
-    """Features and labels of this rank's shard of a clean loader."""
-    model.eval()
+def backbone_features(backbone, loader, device):
+    """Features (in eval mode) and labels of this rank's shard of a clean loader."""
+    backbone.eval()
     feats, labels = [], []
     for x, y in loader:
-        feats.append(model["backbone"](x.to(device, non_blocking=True)).float())
+        feats.append(backbone(x.to(device, non_blocking=True)).float())
         labels.append(y.to(device))
-    model.train()
+    backbone.train()
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -576,12 +601,13 @@ def evaluate_checkpoint(args, classes, rank, world, device):
         ckpt = read_checkpoint(args.eval)
     except ValueError as e:
         sys.exit(str(e))
-    model = build_model(ckpt["config"]["proj"]).to(device)
+    cfg = ckpt["config"]
+    model = SSLModel(cfg["loss"], [int(d) for d in cfg["proj"].split("-")]).to(device)
     model.load_state_dict(ckpt["model"])
     splits = []
     for split in ("train", "val"):
         loader = clean_loader(os.path.join(args.data, split), args.image_size, 256, args.workers, rank, world)
-        splits.append(gather_on_rank0(*backbone_features(model, loader, device), rank, world))
+        splits.append(gather_on_rank0(*backbone_features(model.backbone, loader, device), rank, world))
     if world > 1:
         dist.destroy_process_group()  # the other ranks are done: no collective waits on the probe
     if rank != 0:
@@ -597,7 +623,8 @@ def evaluate_checkpoint(args, classes, rank, world, device):
 # training
 
 def check_args(args):
-    """The --loss recipe fills the flags not given; then sanity checks (parser errors)."""
+    """The --loss recipe fills the flags not given; then sanity checks (parser errors). Returns
+    the projector widths."""
     recipe = RECIPES[args.loss]
     for key in ("wd", "warmup_epochs", "clip", "proj"):
         if getattr(args, key) is None:
@@ -607,25 +634,28 @@ def check_args(args):
     if args.min_lr is None:
         args.min_lr = recipe["min_lr"] if "min_lr" in recipe else recipe["min_lr_ratio"] * args.lr
     problems = []
-    if not args.lam > 0 or not (0 < args.eta_end <= 1 and 0 < args.eta_start <= 1):
-        problems.append("need --lam > 0 and --eta-start, --eta-end in (0, 1]")
+    if not args.lam > 0:
+        problems.append(f"--lam must be > 0 (got {args.lam})")
+    if not (0 < args.eta_end <= 1 and 0 < args.eta_start <= 1):
+        problems.append("--eta-start and --eta-end must be in (0, 1]")
     if args.accum_steps < 1 or args.epochs < 1 or args.batch_size < 2:
-        problems.append("need --accum-steps ≥ 1, --epochs ≥ 1 and --batch-size ≥ 2")
+        problems.append("--accum-steps ≥ 1, --epochs ≥ 1 and --batch-size ≥ 2 are required")
     unknown = [k for k in args.allow_change.split(",") if k and k not in vars(args) and k != "world_size"]
     if unknown:
         problems.append(f"--allow-change: unknown settings {', '.join(unknown)}")
     try:
-        widths = [int(d) for d in args.proj.split("-")]
-        assert all(d > 0 for d in widths)
+        proj = [int(d) for d in args.proj.split("-")]
+        assert all(d > 0 for d in proj)
     except (ValueError, AssertionError):
         problems.append(f"--proj must be widths like 8192-8192-256 (got {args.proj!r})")
     if problems:
         parser.error("; ".join(problems))
+    return proj
 
 
 def main(argv=None):
     args = parser.parse_args(argv)
-    check_args(args)
+    proj = check_args(args)
     classes = check_layout(args.data)
     rank, world, device = setup_distributed()
     master = rank == 0
@@ -649,6 +679,7 @@ def main(argv=None):
         with open(os.path.join(args.out, "config.json"), "w") as fh:
             json.dump(config, fh, indent=1)
 
+    # data
     dataset = TwoViews(os.path.join(args.data, "train"), args.image_size, args.seed)
     sampler = torch.utils.data.distributed.DistributedSampler(dataset, world, rank, seed=args.seed,
                                                               drop_last=True)
@@ -658,14 +689,14 @@ def main(argv=None):
         parser.error(f"--batch-size {args.batch_size} is larger than the {len(dataset)} training images")
     total_steps = args.epochs * steps_per_epoch
 
+    # model, losses, optimisers
     torch.manual_seed(args.seed)
-    model = build_model(args.proj).to(device).to(memory_format=torch.channels_last)
-    probe = nn.Linear(2048, len(classes)).to(device)
-    if world > 1 and device.type == "cuda":
+    model = SSLModel(args.loss, proj).to(device).to(memory_format=torch.channels_last)
+    probe = nn.Linear(model.backbone.dim, len(classes)).to(device)
+    if world > 1 and device.type == "cuda":  # SyncBatchNorm runs on GPUs only; CPU ranks keep local BN
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    k = int(args.proj.split("-")[-1])
-    # the loss, or the monitor for vicreg
-    peira_loss = peira.PEIRALoss(k, lam=args.lam, eta=args.eta_start).to(device)
+    # the loss of --loss peira; with --loss vicreg it only monitors the PEIRA objective (train_step)
+    peira_loss = peira.PEIRALoss(proj[-1], lam=args.lam, eta=args.eta_start).to(device)
     opt = LARS(model.parameters(), lr=args.lr, weight_decay=args.wd)
     probe_opt = torch.optim.SGD(probe.parameters(), lr=0.1, momentum=0.9)
     start_epoch = 0
@@ -676,66 +707,74 @@ def main(argv=None):
         start_epoch = ckpt["epoch"]
         if master:
             print(f"resuming from {ckpt_path} at epoch {start_epoch}", *changes, sep="\n  ")
-    encoder, ddp = Encoder(model), None
+    ddp = None
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
-        encoder = ddp = nn.parallel.DistributedDataParallel(encoder, device_ids=ids)
-    forward = torch.compile(encoder) if args.compile else encoder
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    forward = torch.compile(ddp or model) if args.compile else (ddp or model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
 
+    # metrics.jsonl stays open for the run (rank 0), line-buffered: each record reaches the file as
+    # it is written, so a crash or a preemption loses none
     last_epoch = min(args.epochs, start_epoch + args.stop_after) if args.stop_after else args.epochs
-    for epoch in range(start_epoch, last_epoch):
-        sampler.set_epoch(epoch)
-        dataset.epoch = epoch  # workers hold a copy of the dataset: a new loader each epoch
-        loader = torch.utils.data.DataLoader(dataset, batch_size=micro * args.accum_steps, sampler=sampler,
-                                             drop_last=True, num_workers=args.workers,
-                                             pin_memory=device.type == "cuda")
-        t0, seen = time.time(), 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master, leave=False)
-        for i, batch in enumerate(bar):
-            step = epoch * steps_per_epoch + i
-            warmup = int(args.warmup_epochs * steps_per_epoch)
-            lr = learning_rate(step, total_steps, warmup, args.lr, args.min_lr)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            eta = args.eta_start + (args.eta_end - args.eta_start) * step / max(total_steps - 1, 1)
-            x1, x2, y = (t.to(device, non_blocking=True) for t in batch)
-            x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
-            loss_value, _ = train_step(forward, ddp, model, probe, peira_loss, (opt, probe_opt), (x1, x2, y),
-                                       args.loss, args.lam, eta, args.accum_steps, args.clip, world, autocast)
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"non-finite loss {loss_value} at step {step} (epoch {epoch + 1}); "
-                                         f"the last good checkpoint, if any, is {ckpt_path}")
-            seen += len(x1)
+    with open(metrics_path, "a", buffering=1) if master else nullcontext() as metrics:
+        for epoch in range(start_epoch, last_epoch):
+            sampler.set_epoch(epoch)
+            dataset.epoch = epoch  # workers hold a copy of the dataset: a new loader each epoch
+            loader = torch.utils.data.DataLoader(dataset, batch_size=micro * args.accum_steps,
+                                                 sampler=sampler, drop_last=True, num_workers=args.workers,
+                                                 pin_memory=device.type == "cuda")
+            t0, seen = time.time(), 0
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master, leave=False)
+            for i, batch in enumerate(bar):
+                # schedule: learning rate (warmup, cosine) and η (linear anneal), functions of the step
+                step = epoch * steps_per_epoch + i
+                warmup = int(args.warmup_epochs * steps_per_epoch)
+                lr = learning_rate(step, total_steps, warmup, args.lr, args.min_lr)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                eta = args.eta_start + (args.eta_end - args.eta_start) * step / max(total_steps - 1, 1)
+                # forward, loss, PEIRA monitor, backward, steps of the model and online probe (train_step)
+                x1, x2, y = (t.to(device, non_blocking=True) for t in batch)
+                x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
+                loss_value, _ = train_step(forward, ddp, model, probe, peira_loss, (opt, probe_opt),
+                                           (x1, x2, y), args.loss, args.lam, eta, args.accum_steps,
+                                           args.clip, world, autocast)
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"non-finite loss {loss_value} at step {step} "
+                                             f"(epoch {epoch + 1}); the last good checkpoint, if any, "
+                                             f"is {ckpt_path}")
+                # log: progress bar, one metrics record per step
+                seen += len(x1)
+                if master:
+                    rate = seen / (time.time() - t0)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", img_s_gpu=f"{rate:.0f}")
+                    metrics.write(json.dumps({"step": step, "epoch": epoch + 1, "loss": loss_value, "lr": lr,
+                                              "eta": eta}) + "\n")
+            epoch_time = time.time() - t0
+
+            # evaluation: online probe on val/ (correct counts summed over the ranks' shards)
+            vf, vy = backbone_features(model.backbone, val_loader, device)
+            with torch.no_grad():
+                counts = torch.tensor([(probe(vf).argmax(1) == vy).sum().item(), len(vy)], device=device)
+            if world > 1:
+                dist.all_reduce(counts)
+            probe_acc = (counts[0] / counts[1]).item()
+            # every rank holds the same weights, probe and running moments (DDP, the probe's all-reduce)
+            check_replicas([*model.parameters(), *probe.parameters(), peira_loss.N, peira_loss.S], world,
+                           "weights or running moments")
+            # log and checkpoint (rank 0)
+            record = {"epoch": epoch + 1, "online_probe": probe_acc, "img_per_s_per_gpu": seen / epoch_time,
+                      "epoch_time": epoch_time, **peira_loss.stats()}
             if master:
-                rate = seen / (time.time() - t0)
-                bar.set_postfix(loss=f"{loss_value:.4f}", img_s_gpu=f"{rate:.0f}")
-                with open(metrics_path, "a") as fh:
-                    fh.write(json.dumps({"step": step, "epoch": epoch + 1, "loss": loss_value, "lr": lr,
-                                         "eta": eta}) + "\n")
-        epoch_time = time.time() - t0
-        # online probe on the validation set (correct counts summed over the ranks' shards)
-        vf, vy = backbone_features(model, val_loader, device)
-        with torch.no_grad():
-            counts = torch.tensor([(probe(vf).argmax(1) == vy).sum().item(), len(vy)], device=device)
-        if world > 1:
-            dist.all_reduce(counts)
-        probe_acc = (counts[0] / counts[1]).item()
-        # every rank holds the same weights, probe and running moments (DDP, the probe's all-reduce)
-        check_replicas([*model.parameters(), *probe.parameters(), peira_loss.N, peira_loss.S], world,
-                       "weights or running moments")
-        record = {"epoch": epoch + 1, "online_probe": probe_acc, "img_per_s_per_gpu": seen / epoch_time,
-                  "epoch_time": epoch_time, **peira_loss.stats()}
-        if master:
-            print(f"epoch {epoch + 1}: loss {loss_value:.4f}  online probe {100 * probe_acc:.2f}%  "
-                  f"objective {record['objective']:.4f}  {record['img_per_s_per_gpu']:.0f} img/s per GPU  "
-                  f"{epoch_time / 60:.1f} min")
-            with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            save_checkpoint(ckpt_path, {"model": model.state_dict(), "probe": probe.state_dict(),
-                                        "peira": peira_loss.state_dict(), "opt": opt.state_dict(),
-                                        "probe_opt": probe_opt.state_dict(), "epoch": epoch + 1,
-                                        "config": config})
+                print(f"epoch {epoch + 1}: loss {loss_value:.4f}  online probe {100 * probe_acc:.2f}%  "
+                      f"objective {record['objective']:.4f}  {record['img_per_s_per_gpu']:.0f} img/s per GPU"
+                      f"  {epoch_time / 60:.1f} min")
+                metrics.write(json.dumps(record) + "\n")
+                save_checkpoint(ckpt_path, {"model": model.state_dict(), "probe": probe.state_dict(),
+                                            "peira": peira_loss.state_dict(), "opt": opt.state_dict(),
+                                            "probe_opt": probe_opt.state_dict(), "epoch": epoch + 1,
+                                            "config": config})
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
