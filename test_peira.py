@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+import torch.nn.functional as F
 
 import peira
 
@@ -295,6 +296,15 @@ def test_stats_against_direct_computations():
     std = ((u.var(0, unbiased=False) + v.var(0, unbiased=False)) / 2).sqrt().mean().item()
     assert abs(st["embedding_std"] - std) < 1e-6
     assert abs(peira.effective_rank(torch.eye(7)) - 7) < 1e-9
+    # canonical correlations (signed: an anti-correlated pair is negative): the generalised
+    # eigenvalues S w = s N w; their absolute values = linear CCA of the symmetrised, sign-flipped
+    # data (exact zero mean, so centered CCA = the uncentered moments N/2, S/2)
+    corr = torch.linalg.eigvals(torch.linalg.solve(N, S)).real.sort(descending=True).values
+    assert torch.allclose(peira.canonical_correlations(N, S), corr, atol=1e-10) and corr.min() < 0
+    x, y = torch.cat([u, v, -u, -v]), torch.cat([v, u, -v, -u])
+    assert torch.allclose(corr.abs().sort(descending=True).values, peira.linear_cca(x, y)[0], atol=1e-10)
+    assert abs(st["median_corr"] - corr.median().item()) < 1e-10
+    assert st["kept"] == (corr > 0.4 ** 2).sum().item() / 6 and 0 < st["kept"] < 1  # directions above λ²
 
 
 # -----------------------------------------------------------------------------
@@ -462,7 +472,7 @@ def test_simsiam_dynamics_reduced(tmp_path, monkeypatch):
     import simsiam_dynamics as sd
     monkeypatch.setattr(sd, "GRAD_REPEATS", 100)
     results = sd.main(["--starts", "4", "--out", str(tmp_path)])
-    rows = [r for sec in (1, 2, 3, 4) for r in results[f"section{sec}"]["rows"]]
+    rows = [r for sec in (1, 2, 3, 4, 5) for r in results[f"section{sec}"]["rows"]]
     failed = [r["claim"] for r in rows if r["pass"] is False]
     assert not failed, failed
     # the errors the theory makes exact, asserted here too, and the normalisation found
@@ -610,7 +620,8 @@ def two_rank_results(tmp_path_factory, tiny_imagefolder):
     folder = tmp_path_factory.mktemp("two_ranks")
     (folder / "data_log").mkdir()
     torch.manual_seed(0)
-    state = {"model": ti.build_model("64-64-32").state_dict(), "epoch": 0, "config": {"proj": "64-64-32"}}
+    state = {"model": ti.SSLModel("peira", [64, 64, 32]).state_dict(), "epoch": 0,
+             "config": {"loss": "peira", "proj": "64-64-32"}}
     empty = {"probe": {}, "peira": {}, "opt": {}, "probe_opt": {}}
     ti.save_checkpoint(str(folder / "in1k.pt"), {**empty, **state})
     argv = imagenet_args(tiny_imagefolder, folder, "--eval", str(folder / "in1k.pt"), "--probe-epochs", "10",
@@ -818,9 +829,72 @@ def test_train_cifar_two_steps_of_each_loss(fake_cifar, tmp_path, loss):
     assert [r["step"] for r in steps] == [0, 1] and all(math.isfinite(r["loss"]) for r in steps)
     # class-tinted images: kNN on the features is far above chance (10%)
     assert history[-1]["knn"] > 0.3 and math.isfinite(history[-1]["objective"])
-    assert (tmp_path / "results.json").exists() and (tmp_path / "objective_vs_knn.png").exists()
+    for name in ("results.json", "objective_vs_knn.png", "alignment_by_epoch.png"):
+        assert (tmp_path / name).exists(), name
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["config"]["loss"] == loss and ckpt["config"]["world_size"] == 1
+
+
+def test_online_probe_learns_a_separable_problem_within_one_tiny_epoch():
+    """One epoch's fit of the online probe (PROBE_PASSES passes over the --tiny subset's 1024
+    images) reads 10 linearly separable classes to > 90% on held-out points, features with the
+    offset and scale of pooled ReLU features."""
+    import train_cifar as tc
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(10, 128, generator=gen)
+
+    def sample(n):
+        y = torch.randint(0, 10, (n,), generator=gen)
+        return (20 * (centers[y] + torch.randn(n, 128, generator=gen)) + 60).relu(), y
+
+    (train_f, train_y), (test_f, test_y) = sample(1024), sample(2000)
+    torch.manual_seed(0)
+    probe = tc.OnlineProbe(128, 10)
+    opt = torch.optim.SGD(probe.parameters(), lr=tc.PROBE_LR, momentum=0.9)
+    tc.fit_online_probe(probe, opt, train_f, train_y, tc.PROBE_PASSES, seed=0)
+    with torch.no_grad():
+        assert (probe(test_f).argmax(1) == test_y).float().mean().item() > 0.9
+
+
+def test_tiny_preset_gives_way_to_flags_and_keeps_each_recipe_optimiser():
+    import train_cifar as tc
+    assert tc.parse_args(["--tiny"]).subset == 1024 and tc.parse_args(["--tiny", "--subset", "0"]).subset == 0
+    args = tc.parse_args(["--tiny", "--loss", "simsiam"])
+    tc.check_args(args)
+    assert (args.optimizer, args.lr, args.batch_size) == ("sgd", 0.03 * 128 / 256, 128)  # SimSiam's lr / 256
+    args = tc.parse_args(["--tiny", "--loss", "vicreg"])
+    tc.check_args(args)
+    assert (args.optimizer, args.lr) == ("lars", tc.TINY_LARS_LR)
+
+
+def test_digits_benchmark_writes_cifar_format_that_train_cifar_reads(tmp_path):
+    """bench_digits.py: scikit-learn's digits in CIFAR-10's on-disk format. train_cifar.py's loader
+    reads every image back, the test split is stratified and disjoint from the training images, and
+    the validation split holds training images only."""
+    pytest.importorskip("sklearn")
+    import bench_digits
+    import train_cifar as tc
+    from sklearn.datasets import load_digits
+    bench_digits.build_digits(str(tmp_path / "test"))
+    bench_digits.build_digits(str(tmp_path / "val"), validation=True)
+    train_x, train_y, test_x, test_y = tc.load_splits(str(tmp_path / "test"), 0)
+    assert train_x.shape == (1497, 3, 32, 32) and test_x.shape == (300, 3, 32, 32)
+    assert torch.equal(test_y.bincount(), torch.full((10,), 30))
+    # the bytes read back are the digits as built, each once, with their labels (a layout error in
+    # the (N, 3072) channel-major rows would scramble them)
+    images, labels = bench_digits.digits_as_cifar()
+    index = {img.numpy().tobytes(): i for i, img in enumerate(images)}
+    assert len(index) == 1797 and torch.equal(labels, torch.from_numpy(load_digits().target))
+    read = [index.get(img.numpy().tobytes()) for img in torch.cat([train_x, test_x])]
+    assert sorted(read) == list(range(1797))
+    assert torch.equal(labels[read], torch.cat([train_y, test_y]))
+    # each image is its 8×8 scan upsampled: the 4×4 means are closest to that scan
+    scans = torch.from_numpy(load_digits().images).float().flatten(1) * 255 / 16
+    pooled = F.avg_pool2d(images[:, :1].float(), 4).flatten(1)
+    assert (torch.cdist(pooled, scans).argmin(1) == torch.arange(1797)).float().mean() > 0.99
+    val_train, _, val_x, _ = tc.load_splits(str(tmp_path / "val"), 0)
+    val_read = {index[img.numpy().tobytes()] for img in torch.cat([val_train, val_x])}
+    assert len(val_x) == 300 and len(val_read) == 1497 and not val_read & set(read[1497:])
 
 
 def test_simsiam_runs_its_own_cifar_recipe():
@@ -846,7 +920,7 @@ def test_each_view_has_its_own_batch_norm_statistics():
     import train_imagenet as ti
     g = torch.Generator().manual_seed(0)
     x1, x2 = torch.randn(4, 3, 32, 32, generator=g), torch.randn(4, 3, 32, 32, generator=g)
-    for forward in (tc.SSLModel("simsiam", 4, [16, 16]), ti.Encoder(ti.build_model("16-8"))):
+    for forward in (tc.SSLModel("simsiam", 4, [16, 16]), ti.SSLModel("peira", [16, 8])):
         a, b = forward(x1, x2), forward(x1, 3 * x2 + 1)  # train mode: batch statistics
         torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)  # view 1 ignores view 2
         torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
@@ -1011,7 +1085,7 @@ def test_train_imagenet_two_ranks_hold_the_moments_of_the_concatenated_batch(tin
     assert res.returncode == 0, res.stderr[-3000:]
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     torch.manual_seed(0)
-    model = ti.build_model("64-64-32").to(memory_format=torch.channels_last)  # as in the script
+    model = ti.SSLModel("peira", [64, 64, 32]).to(memory_format=torch.channels_last)  # as in the script
     dataset = ti.TwoViews(os.path.join(tiny_imagefolder, "train"), 32, seed=0)
     us, vs = [], []
     for rank in range(2):  # each rank's 8 images, through the same initial weights (local BN on CPU)
@@ -1019,7 +1093,7 @@ def test_train_imagenet_two_ranks_hold_the_moments_of_the_concatenated_batch(tin
         items = [dataset[i] for i in list(sampler)[:8]]
         x1, x2 = (torch.stack([t[j] for t in items]).contiguous(memory_format=torch.channels_last)
                   for j in (0, 1))
-        _, z1, z2, _, _ = ti.embed(model, x1, x2)
+        _, z1, z2, _, _ = model(x1, x2)
         us.append(z1.detach()); vs.append(z2.detach())
     N, S = peira.moments(torch.cat(us), torch.cat(vs))
     # float32 ResNet-50 with batch norm over 8 images: agreement to ~1e-4 relative; the moments

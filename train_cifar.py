@@ -90,19 +90,13 @@ RECIPES = {
                     clip=0.0, clip_from=0, proj="2048-2048"),
 }
 TINY = dict(width=16, proj="128-128-64", subset=1024, epochs=3, batch_size=128, warmup_epochs=1,
-            lr=0.3, workers=2, clip_from=0)
+            workers=2, clip_from=0)
+TINY_LARS_LR = 0.3  # --tiny with LARS (PEIRA, VICReg); SimSiam's SGD keeps its recipe's lr per 256 images
 KNN_K, KNN_T = 200, 0.1          # kNN monitor (InstDisc / solo-learn)
+PROBE_PASSES, PROBE_LR = 5, 0.1  # online probe: SGD passes over the clean training features per epoch
 COLLAPSE_STD = 0.1               # warn when √k · std of the normalised embeddings falls below this
 VICREG_COEFFS = (25.0, 25.0, 1.0)  # invariance, variance, covariance (official VICReg)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-
-
-def all_gather_cat(x, world):
-    if world == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out)
 
 
 # =============================================================================
@@ -196,6 +190,17 @@ def learning_rate(step, total, warmup, peak, floor=0.0):
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
 
+def mlp(dims, last_bn):
+    """Linear-BN-ReLU layers, then a last Linear (followed by a BN without affine if last_bn)."""
+    layers = []
+    for i in range(len(dims) - 2):
+        layers += [nn.Linear(dims[i], dims[i + 1], bias=False), nn.BatchNorm1d(dims[i + 1]), nn.ReLU()]
+    layers.append(nn.Linear(dims[-2], dims[-1]))
+    if last_bn:
+        layers.append(nn.BatchNorm1d(dims[-1], affine=False))
+    return nn.Sequential(*layers)
+
+
 def average_gradients(module, world):
     """Mean of a module's gradients over the ranks: the online probe lives outside DDP."""
     if world > 1:
@@ -222,9 +227,10 @@ def train_step(forward, ddp, model, probe, peira_loss, opts, batch, loss_name, l
     mean over the ranks: a non-finite loss on one rank stops every rank at the same step, before
     the probe's all-reduce) and the last micro-batch's embeddings of view 1 (detached)."""
     x1, x2, y = batch
-    opt, probe_opt = opts
+    opt, probe_opt = opts  # probe None: no online probe in the step (train_cifar.py fits it per epoch)
     opt.zero_grad(set_to_none=True)
-    probe_opt.zero_grad(set_to_none=True)
+    if probe is not None:
+        probe_opt.zero_grad(set_to_none=True)
     parts = [slice(j, None, accum) for j in range(accum)]
     eta_micro = eta if accum == 1 else 1 - (1 - eta) ** (1 / accum)
     total = 0.0
@@ -247,7 +253,7 @@ def train_step(forward, ddp, model, probe, peira_loss, opts, batch, loss_name, l
         sync = ddp.no_sync() if ddp is not None and j < accum - 1 else nullcontext()
         with sync, autocast:
             h1, z1, z2, p1, p2 = forward(x1[s], x2[s])
-            probe_loss = F.cross_entropy(probe(h1.detach().float()), y[s])
+            probe_loss = 0.0 if probe is None else F.cross_entropy(probe(h1.detach().float()), y[s])
             if two_pass:  # the gradient of the whole batch's loss w.r.t. these rows
                 loss = (g1[j] * z1.float()).sum() + (g2[j] * z2.float()).sum()
             else:
@@ -265,11 +271,12 @@ def train_step(forward, ddp, model, probe, peira_loss, opts, batch, loss_name, l
     loss_value, z1 = float(total), z1.detach()
     if not math.isfinite(loss_value):
         return loss_value, z1  # nothing is updated on any rank; the caller stops, naming the checkpoint
-    average_gradients(probe, world)
     if clip > 0:
         nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.step()
-    probe_opt.step()
+    if probe is not None:
+        average_gradients(probe, world)
+        probe_opt.step()
     return loss_value, z1
 
 
@@ -544,17 +551,6 @@ class ResNet18(nn.Module):
         return F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1)
 
 
-def mlp(dims, last_bn):
-    """Linear-BN-ReLU layers, then a last Linear (followed by a BN without affine if last_bn)."""
-    layers = []
-    for i in range(len(dims) - 2):
-        layers += [nn.Linear(dims[i], dims[i + 1], bias=False), nn.BatchNorm1d(dims[i + 1]), nn.ReLU()]
-    layers.append(nn.Linear(dims[-2], dims[-1]))
-    if last_bn:
-        layers.append(nn.BatchNorm1d(dims[-1], affine=False))
-    return nn.Sequential(*layers)
-
-
 class SSLModel(nn.Module):
     def __init__(self, loss, width, proj):
         super().__init__()
@@ -609,6 +605,14 @@ def knn_accuracy(train_feat, train_labels, test_feat, test_labels, k=KNN_K, t=KN
     return correct / len(test_feat)
 
 
+def all_gather_cat(x, world):
+    if world == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
 def sharded_features(backbone, images, device, rank, world):
     """Features of all images, each rank computing a contiguous shard (then all-gathered)."""
     per = math.ceil(len(images) / world)
@@ -618,6 +622,41 @@ def sharded_features(backbone, images, device, rank, world):
     padded = torch.zeros(per, local.shape[1], device=device)
     padded[:len(local)] = local
     return all_gather_cat(padded, world)[:len(images)]
+
+
+class OnlineProbe(nn.Module):
+    """The online linear probe: features standardised with the mean and std of the clean training
+    features (set each epoch), so that one learning rate suits features of any scale, then a linear
+    layer."""
+
+    def __init__(self, dim, classes):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+        self.linear = nn.Linear(dim, classes)
+
+    def forward(self, feat):
+        return self.linear((feat - self.mean) / self.std)
+
+
+def fit_online_probe(probe, probe_opt, train_feat, train_y, passes, seed, batch=256):
+    """The online probe's training of one epoch: `passes` passes of SGD over the clean training
+    features (the kNN memory bank), from the weights it ended the previous epoch with. It reads the
+    same features as kNN: a probe trained step by step on the augmented views reads another
+    distribution (crops of 20% of an image, batch-norm in train mode) and stays near chance on
+    short runs while kNN on clean features is far above it. Every rank holds all the features and
+    the same seed: the ranks fit the same probe with no communication."""
+    probe.mean.copy_(train_feat.mean(0))
+    probe.std.copy_(train_feat.std(0) + 1e-6)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for _ in range(passes):
+        perm = torch.randperm(len(train_feat), generator=gen).to(train_feat.device)
+        for i in range(0, len(train_feat), batch):
+            idx = perm[i:i + batch]
+            loss = F.cross_entropy(probe(train_feat[idx]), train_y[idx])
+            probe_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            probe_opt.step()
 
 
 def linear_probe(train_x, train_y, test_x, test_y, epochs, seed, batch=1024):
@@ -668,19 +707,78 @@ def evaluate_checkpoint(args, rank, world, device):
 
 
 # -----------------------------------------------------------------------------
+# results: collapse warning, final table and figures
+
+def embedding_spread(z):
+    """√k times the mean per-dimension std of the L2-normalised embeddings: about 1 when they
+    spread over the sphere, 0 at collapse (SimSiam's monitor)."""
+    zn = F.normalize(z.detach().float(), dim=1)
+    return (zn.std(0).mean() * zn.shape[1] ** 0.5).item()
+
+
+def finish(args, history):
+    """Results table, results.json and two figures, over every epoch of the run (metrics.jsonl,
+    across resumes): the PEIRA objective against kNN accuracy, and the alignment of the regressor P
+    with the cross-moment S by epoch (as in the talk cited in README.md)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    last = history[-1]
+    corr = None
+    if len(history) > 2:
+        corr = float(np.corrcoef([h["objective"] for h in history], [h["knn"] for h in history])[0, 1])
+    results = {"loss": args.loss, "lam": args.lam, "epochs": last["epoch"], "epochs_logged": len(history),
+               "knn": last["knn"], "online_probe": last["online_probe"], "objective": last["objective"],
+               "rank_N": last["rank_N"], "alignment": last["alignment"],
+               "train_time_s": float(sum(h["epoch_time"] for h in history)),
+               "img_per_s": float(np.mean([h["img_per_s"] for h in history])), "objective_knn_corr": corr}
+    with open(os.path.join(args.out, "results.json"), "w") as fh:
+        json.dump(results, fh, indent=1)
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    sc = ax.scatter([100 * h["knn"] for h in history], [h["objective"] for h in history], c=epochs)
+    fig.colorbar(sc, label="epoch")
+    ax.set(xlabel="kNN accuracy (%)", ylabel=f"PEIRA objective (λ = {args.lam})",
+           title=f"--loss {args.loss}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "objective_vs_knn.png"), dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(epochs, [h["alignment"] for h in history], marker="o")
+    ax.set(xlabel="epoch", ylabel="alignment of P with S", ylim=(0, 1.02), title=f"--loss {args.loss}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "alignment_by_epoch.png"), dpi=120)
+    plt.close(fig)
+    print("\n| loss | epochs | kNN (%) | online probe (%) | PEIRA objective | rank(N) | alignment | "
+          "img/s | corr(objective, kNN) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    corr = "—" if corr is None else f"{corr:.2f}"
+    print(f"| {args.loss} | {results['epochs']} | {100 * results['knn']:.2f} | "
+          f"{100 * results['online_probe']:.2f} | {results['objective']:.4f} | {results['rank_N']:.1f} | "
+          f"{results['alignment']:.3f} | {results['img_per_s']:.0f} | {corr} |")
+
+
+# -----------------------------------------------------------------------------
 # training
 
-def check_args(args):
-    """Presets (--tiny, then the --loss recipe) fill the flags not given; then sanity checks."""
+def parse_args(argv=None):
+    """The flags; with --tiny its preset replaces the defaults (a flag on the command line wins:
+    argparse fills only the attributes that the namespace it is handed does not hold)."""
+    args = parser.parse_args(argv)
     if args.tiny:
-        for key, value in TINY.items():
-            if getattr(args, key) == parser.get_default(key):
-                setattr(args, key, value)
+        args = parser.parse_args(argv, namespace=argparse.Namespace(**TINY))
+    return args
+
+
+def check_args(args):
+    """The --loss recipe fills the flags not given (nor set by --tiny); then sanity checks."""
     recipe = RECIPES[args.loss]
     for key in ("batch_size", "optimizer", "wd", "warmup_epochs", "clip", "clip_from", "proj"):
         if getattr(args, key) is None:
             setattr(args, key, recipe[key])
-    if args.lr is None:
+    if args.lr is None and args.tiny and args.optimizer == "lars":
+        args.lr = TINY_LARS_LR
+    elif args.lr is None:
         args.lr = recipe["lr"] if "lr" in recipe else recipe["lr_per_256"] * args.batch_size / 256
     problems = []
     if not args.lam > 0:
@@ -703,7 +801,7 @@ def check_args(args):
 
 
 def main(argv=None):
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     proj = check_args(args)
     rank, world, device = setup_distributed()
     master = rank == 0
@@ -744,15 +842,16 @@ def main(argv=None):
     # model, losses, optimisers
     torch.manual_seed(args.seed)
     model = SSLModel(args.loss, args.width, proj).to(device)
-    probe = nn.Linear(model.backbone.dim, 10).to(device)
+    probe = OnlineProbe(model.backbone.dim, 10).to(device)
     if world > 1 and device.type == "cuda":  # SyncBatchNorm runs on GPUs only; CPU ranks keep local BN
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    monitor = peira.PEIRALoss(proj[-1], lam=args.lam, eta=args.eta_start).to(device)  # the loss for peira
+    # the loss of --loss peira; for the other losses it only monitors (objective, rank, alignment)
+    peira_loss = peira.PEIRALoss(proj[-1], lam=args.lam, eta=args.eta_start).to(device)
     opt = make_optimizer(model, args)
-    probe_opt = torch.optim.SGD(probe.parameters(), lr=0.1, momentum=0.9)
+    probe_opt = torch.optim.SGD(probe.parameters(), lr=PROBE_LR, momentum=0.9)
     start_epoch = 0
     if ckpt is not None:
-        for name, obj in (("model", model), ("probe", probe), ("peira", monitor), ("opt", opt),
+        for name, obj in (("model", model), ("probe", probe), ("peira", peira_loss), ("opt", opt),
                           ("probe_opt", probe_opt)):
             obj.load_state_dict(ckpt[name])
         start_epoch = ckpt["epoch"]
@@ -765,108 +864,78 @@ def main(argv=None):
     forward = torch.compile(ddp or model) if args.compile else (ddp or model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
 
+    # metrics.jsonl stays open for the run (rank 0), line-buffered: each record reaches the file as
+    # it is written, so a crash or a preemption loses none
     history = []
     last_epoch = min(args.epochs, start_epoch + args.stop_after) if args.stop_after else args.epochs
-    for epoch in range(start_epoch, last_epoch):
-        # the epoch's order and augmentations are functions of (seed, epoch, rank, index): resume is exact
-        torch.manual_seed(args.seed * 100_003 + epoch * 1009 + rank)
-        loader = epoch_loader(dataset, epoch, local_batch, rank, world, args.workers, device.type == "cuda")
-        t0, seen = time.time(), 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master, leave=False)
-        for i, batch in enumerate(bar):
-            step = epoch * steps_per_epoch + i
-            lr = learning_rate(step, total_steps, int(args.warmup_epochs * steps_per_epoch), args.lr)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            eta = args.eta_start + (args.eta_end - args.eta_start) * step / max(total_steps - 1, 1)
-            batch = [t.to(device, non_blocking=True) for t in batch]
-            clip = args.clip if epoch >= args.clip_from else 0.0
-            loss_value, z = train_step(forward, ddp, model, probe, monitor, (opt, probe_opt), batch,
-                                       args.loss, args.lam, eta, 1, clip, world, autocast)
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"non-finite loss {loss_value} at step {step} (epoch {epoch + 1}); "
-                                         f"the last good checkpoint, if any, is {ckpt_path}")
-            seen += 2 * len(batch[0]) * world
-            if master:
-                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{seen / (time.time() - t0):.0f}")
-                with open(metrics_path, "a") as fh:
-                    fh.write(json.dumps({"step": step, "epoch": epoch + 1, "loss": loss_value, "lr": lr,
-                                         "eta": monitor.eta}) + "\n")
-        epoch_time = time.time() - t0
+    with open(metrics_path, "a", buffering=1) if master else nullcontext() as metrics:
+        for epoch in range(start_epoch, last_epoch):
+            # the epoch's order and augmentations are functions of (seed, epoch, rank, index): exact resume
+            torch.manual_seed(args.seed * 100_003 + epoch * 1009 + rank)
+            loader = epoch_loader(dataset, epoch, local_batch, rank, world, args.workers,
+                                  device.type == "cuda")
+            t0, seen = time.time(), 0
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master, leave=False)
+            for i, batch in enumerate(bar):
+                # schedule: learning rate (warmup, cosine), η (linear anneal), clipping: functions of the step
+                step = epoch * steps_per_epoch + i
+                lr = learning_rate(step, total_steps, int(args.warmup_epochs * steps_per_epoch), args.lr)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                eta = args.eta_start + (args.eta_end - args.eta_start) * step / max(total_steps - 1, 1)
+                clip = args.clip if epoch >= args.clip_from else 0.0
+                # forward, loss, PEIRA monitor, backward, step (train_step; the probe is fit per epoch)
+                batch = [t.to(device, non_blocking=True) for t in batch]
+                loss_value, z = train_step(forward, ddp, model, None, peira_loss, (opt, None), batch,
+                                           args.loss, args.lam, eta, 1, clip, world, autocast)
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"non-finite loss {loss_value} at step {step} (epoch "
+                                             f"{epoch + 1}); the last good checkpoint, if any, is {ckpt_path}")
+                # log: progress bar, one metrics record per step
+                seen += 2 * len(batch[0]) * world
+                if master:
+                    bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{seen / (time.time() - t0):.0f}")
+                    metrics.write(json.dumps({"step": step, "epoch": epoch + 1, "loss": loss_value, "lr": lr,
+                                              "eta": peira_loss.eta}) + "\n")
+            epoch_time = time.time() - t0
 
-        # evaluation: kNN on clean images, online probe on the test set, PEIRA diagnostics
-        train_feat = sharded_features(model.backbone, train_x, device, rank, world)
-        test_feat = sharded_features(model.backbone, test_x, device, rank, world)
-        knn = knn_accuracy(F.normalize(train_feat, dim=1), train_y.to(device), F.normalize(test_feat, dim=1),
-                           test_y.to(device))
-        with torch.no_grad():  # the online probe on the same clean test features
-            probe_acc = (probe(test_feat).argmax(1).cpu() == test_y).float().mean().item()
-        stats = monitor.stats()
-        std = embedding_spread(z)  # the last batch's embeddings of view 1
-        record = {"epoch": epoch + 1, "knn": knn, "online_probe": probe_acc, "loss": loss_value, "lr": lr,
-                  "img_per_s": seen / epoch_time, "epoch_time": epoch_time, "normalized_std": std, **stats}
-        history.append(record)
-        # every rank holds the same weights, probe and running moments (DDP, the probe's all-reduce)
-        check_replicas([*model.parameters(), *probe.parameters(), monitor.N, monitor.S], world,
-                       "weights or running moments")
-        if master:
-            if std < COLLAPSE_STD:
-                print(f"warning: embeddings collapsing at epoch {epoch + 1}: √k·std of normalised "
-                      f"embeddings {std:.3f}")
-            print(f"epoch {epoch + 1}: loss {loss_value:.4f}  kNN {100 * knn:.2f}%  "
-                  f"probe {100 * probe_acc:.2f}%  objective {stats['objective']:.4f}  "
-                  f"rank(N) {stats['rank_N']:.1f}  {seen / epoch_time:.0f} img/s")
-            with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            save_checkpoint(ckpt_path, {"model": model.state_dict(), "probe": probe.state_dict(),
-                                        "peira": monitor.state_dict(), "opt": opt.state_dict(),
-                                        "probe_opt": probe_opt.state_dict(), "epoch": epoch + 1,
-                                        "config": config})
+            # evaluation: kNN on clean images, the online probe fit on them, PEIRA diagnostics
+            train_feat = sharded_features(model.backbone, train_x, device, rank, world)
+            test_feat = sharded_features(model.backbone, test_x, device, rank, world)
+            knn = knn_accuracy(F.normalize(train_feat, dim=1), train_y.to(device),
+                               F.normalize(test_feat, dim=1), test_y.to(device))
+            fit_online_probe(probe, probe_opt, train_feat, train_y.to(device), PROBE_PASSES,
+                             args.seed * 100_003 + epoch)
+            with torch.no_grad():
+                probe_acc = (probe(test_feat).argmax(1).cpu() == test_y).float().mean().item()
+            stats = peira_loss.stats()
+            std = embedding_spread(z)  # the last batch's embeddings of view 1
+            record = {"epoch": epoch + 1, "knn": knn, "online_probe": probe_acc, "loss": loss_value,
+                      "lr": lr, "img_per_s": seen / epoch_time, "epoch_time": epoch_time,
+                      "normalized_std": std, **stats}
+            history.append(record)
+            # every rank holds the same weights, probe and running moments (DDP; the same probe fit)
+            check_replicas([*model.parameters(), *probe.parameters(), peira_loss.N, peira_loss.S], world,
+                           "weights or running moments")
+            # log and checkpoint (rank 0)
+            if master:
+                if std < COLLAPSE_STD:
+                    print(f"warning: embeddings collapsing at epoch {epoch + 1}: √k·std of normalised "
+                          f"embeddings {std:.3f}")
+                print(f"epoch {epoch + 1}: loss {loss_value:.4f}  kNN {100 * knn:.2f}%  "
+                      f"probe {100 * probe_acc:.2f}%  objective {stats['objective']:.4f}  "
+                      f"rank(N) {stats['rank_N']:.1f}  {seen / epoch_time:.0f} img/s")
+                metrics.write(json.dumps(record) + "\n")
+                save_checkpoint(ckpt_path, {"model": model.state_dict(), "probe": probe.state_dict(),
+                                            "peira": peira_loss.state_dict(), "opt": opt.state_dict(),
+                                            "probe_opt": probe_opt.state_dict(), "epoch": epoch + 1,
+                                            "config": config})
     if master and history:
         history = [r for r in metrics_records(metrics_path) if "knn" in r]  # the whole run
         finish(args, history)
     if world > 1:
         dist.destroy_process_group()
     return history
-
-
-def embedding_spread(z):
-    """√k times the mean per-dimension std of the L2-normalised embeddings: about 1 when they
-    spread over the sphere, 0 at collapse (SimSiam's monitor)."""
-    zn = F.normalize(z.detach().float(), dim=1)
-    return (zn.std(0).mean() * zn.shape[1] ** 0.5).item()
-
-
-def finish(args, history):
-    """Results table, results.json and the objective-vs-kNN figure, over every epoch of the run
-    (metrics.jsonl, across resumes)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    last = history[-1]
-    corr = None
-    if len(history) > 2:
-        corr = float(np.corrcoef([h["objective"] for h in history], [h["knn"] for h in history])[0, 1])
-    results = {"loss": args.loss, "epochs": last["epoch"], "epochs_logged": len(history), "knn": last["knn"],
-               "online_probe": last["online_probe"], "objective": last["objective"],
-               "img_per_s": float(np.mean([h["img_per_s"] for h in history])), "objective_knn_corr": corr}
-    with open(os.path.join(args.out, "results.json"), "w") as fh:
-        json.dump(results, fh, indent=1)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    sc = ax.scatter([100 * h["knn"] for h in history], [h["objective"] for h in history],
-                    c=[h["epoch"] for h in history])
-    fig.colorbar(sc, label="epoch")
-    ax.set(xlabel="kNN accuracy (%)", ylabel=f"PEIRA objective (λ = {args.lam})",
-           title=f"--loss {args.loss}")
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "objective_vs_knn.png"), dpi=120)
-    plt.close(fig)
-    print("\n| loss | epochs | kNN (%) | online probe (%) | PEIRA objective | img/s | corr(objective, kNN) |")
-    print("|---|---|---|---|---|---|---|")
-    corr = "—" if corr is None else f"{corr:.2f}"
-    print(f"| {args.loss} | {results['epochs']} | {100 * results['knn']:.2f} | "
-          f"{100 * results['online_probe']:.2f} | {results['objective']:.4f} | {results['img_per_s']:.0f} | "
-          f"{corr} |")
 
 
 if __name__ == "__main__":
