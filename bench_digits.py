@@ -1,20 +1,24 @@
 """A real-image SSL benchmark that runs on a CPU in minutes: PEIRA, SimSiam and VICReg, same budget.
 
-    python bench_digits.py                              # the three losses, one table, kNN-by-epoch figure
-    python bench_digits.py --lams 0.03,0.1,0.3,1        # PEIRA's λ sweep: kNN and effective rank against λ
-    python bench_digits.py --seeds 0,1,2 --epochs 16    # more seeds, longer runs
+    python bench_digits.py                                     # the three losses: table, figures
+    python bench_digits.py --seeds 0,1,2                       # three training seeds (README's table)
+    python bench_digits.py --validation --lams 0.03,0.1,0.3,0.7,1  # PEIRA's λ sweep on validation images
 
 The images are the UCI handwritten digits that scikit-learn ships inside its package (1797 scans of
 8×8 pixels, 10 classes; Alpaydin & Kaynak 1998): nothing is downloaded. They are upsampled to 32×32
 RGB and written in CIFAR-10's on-disk format (cifar-10-batches-py: data_batch_1..5, test_batch,
-batches.meta), so that train_cifar.py trains on them unchanged with --data out/digits/data. The
-split is stratified and fixed: 1497 training images, 300 test images.
+batches.meta), so that train_cifar.py trains on them unchanged with --data out/digits/data-test.
+The split is stratified and fixed: 1497 training images, 300 test images; with --validation, 300
+of the training images are held out instead and the test images are not written (tune there,
+report on the test split).
 
 Each run is `train_cifar.py --tiny --data ... --loss L --epochs E --subset 0` (in this process,
 one after the other); the table reports, at the last epoch, kNN and online-probe accuracy on the
 test images, the effective rank of N, the PEIRA objective (every loss is monitored with it), the
-correlation over epochs between that objective and kNN, and the training time. Writes into --out:
-the data, one run folder per (loss, λ, seed), results.json, knn_by_epoch.png, lam_sweep.png.
+correlation over epochs between that objective and kNN, and the training time. Writes into --out
+(SPLIT: test or validation): data-SPLIT/, runs-SPLIT/ (one folder per loss, λ and seed; a finished
+run is reused), results_SPLIT.json, knn_by_epoch_SPLIT.png, alignment_by_epoch_SPLIT.png and, with
+--lams, lam_sweep_SPLIT.png.
 """
 import argparse
 import json
@@ -30,10 +34,10 @@ import train_cifar
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-parser.add_argument("--out", default="out/digits", help="output folder: data/, runs/, table, figures")
+parser.add_argument("--out", default="out/digits", help="output folder: data, runs, results, figures")
 parser.add_argument("--losses", default="peira,simsiam,vicreg", help="comma-separated losses to compare")
 parser.add_argument("--lams", default="", help="comma-separated PEIRA λ values to sweep (empty: no sweep)")
-parser.add_argument("--epochs", type=int, default=8, help="epochs per run: the same budget for every loss")
+parser.add_argument("--epochs", type=int, default=20, help="epochs per run: the same budget for every loss")
 parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
 parser.add_argument("--test-size", type=int, default=300, help="test (and validation) images, stratified")
 parser.add_argument("--validation", action="store_true",
@@ -98,8 +102,15 @@ def build_digits(root, test_size=300, validation=False):
     the test batch holds test_size of the training images instead, and the test images are not
     written at all: tune there, report on the test split."""
     folder = os.path.join(root, "cifar-10-batches-py")
+    split = {"test_size": test_size, "validation": validation}
     if os.path.exists(os.path.join(folder, "batches.meta")):
+        with open(os.path.join(root, "split.json")) as fh:
+            if json.load(fh) != split:
+                raise SystemExit(f"{root} holds another split than {split}: use another --out")
         return folder
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "split.json"), "w") as fh:
+        json.dump(split, fh)
     x, y = digits_as_cifar()
     train, test = stratified_split(y, test_size)
     if validation:
@@ -129,20 +140,29 @@ def train_run(data, out, loss, lam, seed, epochs):
     if os.path.exists(results) and os.path.exists(config):
         with open(config) as fh:
             saved = json.load(fh)
-        if vars(train_cifar.parse_args(argv)) == {k: v for k, v in saved.items() if k != "world_size"}:
+        now = train_cifar.parse_args(argv)
+        train_cifar.check_args(now)  # the recipe's values, as saved
+        if all(saved.get(k) == v for k, v in vars(now).items()):  # every setting this code knows
             print(f"{out}: finished run reused")
             return [r for r in train_cifar.metrics_records(os.path.join(out, "metrics.jsonl")) if "knn" in r]
     print(f"\n== {' '.join(argv)}")
     return train_cifar.main(argv)
 
 
-def pixel_knn(data):
-    """kNN accuracy of the raw normalised pixels (no training): a reference point."""
+def reference_knn(data, seed=0):
+    """kNN accuracy without training: on the raw normalised pixels, and on the features of the
+    --tiny network at its initialisation (the start of the runs with this seed)."""
     train_x, train_y, test_x, test_y = train_cifar.load_splits(data, 0)
     device = torch.device("cpu")
-    ftr = F.normalize(train_cifar.normalize_clean(train_x, device).flatten(1), dim=1)
-    fte = F.normalize(train_cifar.normalize_clean(test_x, device).flatten(1), dim=1)
-    return train_cifar.knn_accuracy(ftr, train_y, fte, test_y)
+    pixels = [F.normalize(train_cifar.normalize_clean(x, device).flatten(1), dim=1)
+              for x in (train_x, test_x)]
+    torch.manual_seed(seed)
+    tiny = train_cifar.TINY
+    proj = [int(d) for d in tiny["proj"].split("-")]
+    backbone = train_cifar.SSLModel("peira", tiny["width"], proj).backbone
+    init = [F.normalize(train_cifar.features(backbone, x, device), dim=1) for x in (train_x, test_x)]
+    return {"raw pixels": train_cifar.knn_accuracy(pixels[0], train_y, pixels[1], test_y),
+            "network at initialisation": train_cifar.knn_accuracy(init[0], train_y, init[1], test_y)}
 
 
 # -----------------------------------------------------------------------------
@@ -153,6 +173,7 @@ def summary(history):
     last, half = history[-1], history[len(history) // 2 - 1]
     knn = [h["knn"] for h in history]
     return {"knn": last["knn"], "online_probe": last["online_probe"], "rank_N": last["rank_N"],
+            "kept": last["kept"],
             "objective": last["objective"], "alignment": last["alignment"],
             "knn_last_half": last["knn"] - half["knn"],
             "objective_knn_corr": float(np.corrcoef([h["objective"] for h in history], knn)[0, 1]),
@@ -163,29 +184,38 @@ def mean_of(rows, key):
     return float(np.mean([r[key] for r in rows]))
 
 
-def print_table(groups, pixels):
+def print_table(groups, references):
     """groups: {label: [summary per seed]}; one row per label, seed means."""
-    print("\n| run | seeds | kNN (%) | online probe (%) | kNN change, last half (pts) | rank(N) | "
+    print("\n| run | seeds | kNN (%) | online probe (%) | kNN change, last half (pts) | rank(N) | kept | "
           "PEIRA objective | corr(objective, kNN) | alignment | time (s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for label, rows in groups.items():
         print(f"| {label} | {len(rows)} | {100 * mean_of(rows, 'knn'):.1f} | "
               f"{100 * mean_of(rows, 'online_probe'):.1f} | {100 * mean_of(rows, 'knn_last_half'):+.1f} | "
-              f"{mean_of(rows, 'rank_N'):.1f} | {mean_of(rows, 'objective'):.3f} | "
+              f"{mean_of(rows, 'rank_N'):.1f} | {mean_of(rows, 'kept'):.2f} | "
+              f"{mean_of(rows, 'objective'):.3f} | "
               f"{mean_of(rows, 'objective_knn_corr'):+.2f} | {mean_of(rows, 'alignment'):.3f} | "
               f"{mean_of(rows, 'train_time_s'):.0f} |")
-    print(f"| raw pixels (no training) | — | {100 * pixels:.1f} | | | | | | | |")
+    for label, knn in references.items():
+        print(f"| {label} (no training) | — | {100 * knn:.1f} | | | | | | | | |")
 
 
-def plot_by_epoch(histories, key, ylabel, path, scale=1.0):
-    """One line per run label (seed mean) of a per-epoch metric."""
+def plot_by_epoch(histories, key, ylabel, path, scale=1.0, dashed_key=None):
+    """One line per run label (seed mean) of a per-epoch metric; dashed_key, if given, is drawn
+    dashed in the same colour (the online probe next to kNN)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for label, runs in histories.items():
+    for i, (label, runs) in enumerate(histories.items()):
         values = np.mean([[scale * h[key] for h in run] for run in runs], axis=0)
-        ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, label=label)
+        epochs = range(1, len(values) + 1)
+        ax.plot(epochs, values, marker="o", ms=3, color=f"C{i}", label=label)
+        if dashed_key is not None:
+            dashed = np.mean([[scale * h[dashed_key] for h in run] for run in runs], axis=0)
+            ax.plot(epochs, dashed, ls="--", color=f"C{i}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="epoch", ylabel=ylabel)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -215,13 +245,17 @@ def plot_lam_sweep(lams, rows, path):
 
 def main(argv=None):
     args = parser.parse_args(argv)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    lams = [float(x) for x in args.lams.split(",") if x]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        lams = [float(x) for x in args.lams.split(",") if x]
+    except ValueError:
+        parser.error(f"--seeds takes integers and --lams numbers, comma-separated (got {args.seeds!r}, "
+                     f"{args.lams!r})")
     losses = [x for x in args.losses.split(",") if x]
     unknown = [x for x in losses if x not in train_cifar.RECIPES]
-    if unknown or not seeds or args.epochs < 2:
-        parser.error(f"--losses from {', '.join(train_cifar.RECIPES)}; --epochs ≥ 2 (got {args.losses!r}, "
-                     f"{args.epochs})")
+    if unknown or args.epochs < 2 or not 0 < args.test_size < 1497:
+        parser.error(f"--losses from {', '.join(train_cifar.RECIPES)} (got {args.losses!r}), --epochs ≥ 2 "
+                     f"(got {args.epochs}), --test-size in 1..1496 (got {args.test_size})")
     split = "validation" if args.validation else "test"
     data = os.path.join(args.out, f"data-{split}")
     build_digits(data, args.test_size, validation=args.validation)
@@ -229,7 +263,7 @@ def main(argv=None):
     t0 = time.time()
 
     # the losses at the default λ, then the λ sweep; every run the same budget
-    default_lam = train_cifar.parser.get_default("lam")
+    default_lam = train_cifar.parse_args(["--tiny"]).lam  # λ of a --tiny run
     compared = [run_label(loss, default_lam) for loss in losses]
     histories = {}
     for loss, lam in [(loss, default_lam) for loss in losses] + [("peira", lam) for lam in lams]:
@@ -240,19 +274,19 @@ def main(argv=None):
     groups = {label: [summary(h) for h in runs] for label, runs in histories.items()}
 
     # table and figures
-    pixels = pixel_knn(data)
+    references = reference_knn(data, seeds[0])
     print(f"\ndigits, {split} split, {args.epochs} epochs, seeds {args.seeds}, {time.time() - t0:.0f} s")
-    print_table(groups, pixels)
+    print_table(groups, references)
     by_loss = {label: histories[label] for label in compared}
-    plot_by_epoch(by_loss, "knn", "kNN accuracy (%)", os.path.join(args.out, f"knn_by_epoch_{split}.png"),
-                  scale=100)
+    plot_by_epoch(by_loss, "knn", "kNN (solid), online probe (dashed), %",
+                  os.path.join(args.out, f"knn_by_epoch_{split}.png"), scale=100, dashed_key="online_probe")
     plot_by_epoch(by_loss, "alignment", "alignment of P with S",
                   os.path.join(args.out, f"alignment_by_epoch_{split}.png"))
     if lams:
         plot_lam_sweep(lams, [groups[run_label("peira", lam)] for lam in lams],
                        os.path.join(args.out, f"lam_sweep_{split}.png"))
     with open(os.path.join(args.out, f"results_{split}.json"), "w") as fh:
-        json.dump({"split": split, "epochs": args.epochs, "seeds": seeds, "pixels_knn": pixels,
+        json.dump({"split": split, "epochs": args.epochs, "seeds": seeds, "references_knn": references,
                    "runs": groups}, fh, indent=1)
     return groups
 

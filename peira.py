@@ -237,17 +237,19 @@ class PEIRALoss(nn.Module):
 
     def stats(self):
         """Diagnostics for logging: objective, Tr P, effective rank of N, alignment ⟨P, S⟩, the
-        median canonical correlation of the embeddings and the fraction of the k dimensions
-        whose correlation exceeds λ² (the directions PEIRA keeps at its optimum), the mean
+        median of the positive canonical correlations of the embeddings (on the span of N) and the
+        fraction of the k dimensions whose correlation exceeds λ² (the directions PEIRA keeps at its
+        optimum), the mean
         per-dimension std of the last batch's embeddings, current eta."""
         P = self.P
         corr = canonical_correlations(self.N, self.S)
+        positive = corr[corr > 0]  # an anti-correlated direction is never kept
         return {
             "objective": self.objective(),
             "trace_P": torch.trace(P).item(),
             "rank_N": effective_rank(self.N),
             "alignment": alignment(P, self.S),
-            "median_corr": corr.median().item(),
+            "median_corr": positive.median().item() if len(positive) else math.nan,
             "kept": (corr > self.lam ** 2).double().sum().item() / self.dim,
             "embedding_std": self.embedding_std.item(),
             "eta": self.eta,
@@ -316,18 +318,23 @@ def linear_cca(x, y, k=None, eps=0.0):
     return s[:k], A, B
 
 
-def canonical_correlations(N, S, rtol=1e-9):
+def canonical_correlations(N, S, rtol=None):
     """Canonical correlations of the embeddings u, v from their symmetrised moments N, S:
-    the eigenvalues of N^{-1/2} S N^{-1/2} (descending), on the span of N (eigenvalues of N below
-    rtol · the largest are left out). With exchangeable views E[uuᵀ] = E[vvᵀ] = N/2 and
-    E[uvᵀ] = S/2, so these are the (uncentered) canonical correlations of u and v. PEIRA keeps a
-    direction at its optimum only if its correlation s exceeds λ² (peira_filter).
+    the eigenvalues of N^{-1/2} S N^{-1/2} (descending), on the span of N: eigenvalues of N below
+    rtol · the largest are left out (default: k times the precision of N's dtype, so directions
+    that are rounding noise are not whitened into correlations). With exchangeable views
+    E[uuᵀ] = E[vvᵀ] = N/2 and E[uvᵀ] = S/2, so these are the (uncentered) canonical correlations
+    of u and v. PEIRA keeps a direction at its optimum only if its correlation s exceeds λ²
+    (peira_filter). Computed in float64, returned in N's dtype and on its device.
     """
+    if rtol is None:
+        rtol = N.shape[0] * torch.finfo(N.dtype).eps
+    dtype = N.dtype
     N, S = N.double(), S.double()
     eig, vec = torch.linalg.eigh((N + N.T) / 2)
     keep = eig > rtol * eig.max().clamp_min(1e-300)
     whiten = vec[:, keep] / eig[keep].sqrt()
-    return torch.linalg.eigvalsh(whiten.T @ ((S + S.T) / 2) @ whiten).flip(0)
+    return torch.linalg.eigvalsh(whiten.T @ ((S + S.T) / 2) @ whiten).flip(0).to(dtype)
 
 
 # -----------------------------------------------------------------------------

@@ -468,14 +468,14 @@ def gradient_bias_variance(J, U, V, lam, batch, repeats, eta, seed):
         idx = torch.multinomial(J.flatten(), batch, replacement=True, generator=gen)
         return U[idx // ny], V[idx % ny]
 
-    loss_fn = peira.PEIRALoss(U.shape[1], lam=lam, eta=eta).double()
+    peira_loss = peira.PEIRALoss(U.shape[1], lam=lam, eta=eta).double()
     with torch.no_grad():
         for _ in range(20):  # warm the running moments up at these encoders
-            loss_fn(*sample())
+            peira_loss(*sample())
     grads = {"direct": [], "running": []}
     for _ in range(repeats):
         direct_loss = peira.peira_objective(*sample(), lam)
-        running_loss = loss_fn(*sample())
+        running_loss = peira_loss(*sample())
         grads["direct"].append(flat_gradient(direct_loss, (U, V)))
         grads["running"].append(flat_gradient(running_loss, (U, V)))
     bias_spread = {}
@@ -625,7 +625,7 @@ def train_mlps(seed):
     hermite_x, hermite_y = hermite(x_test, m), hermite(y_test, m)
     U, V = mlp(k), mlp(k)  # float32 networks, as in practice; evaluation in float64
     opt = torch.optim.Adam([*U.parameters(), *V.parameters()], lr=NN_LR)
-    loss_fn = peira.PEIRALoss(k, lam=NN_LAM).float()
+    peira_loss = peira.PEIRALoss(k, lam=NN_LAM).float()
 
     def embed(x, y):
         return U(x[:, None].float()), V(y[:, None].float())
@@ -646,8 +646,8 @@ def train_mlps(seed):
             break
         for group in opt.param_groups:
             group["lr"] = NN_LR * 0.5 * (1 + math.cos(math.pi * frac))
-        loss_fn.eta = 0.5 - 0.4 * frac  # running-moment weight annealed 0.5 → 0.1
-        loss = loss_fn(*embed(*gaussian_pair(NN_BATCH, gen)))
+        peira_loss.eta = 0.5 - 0.4 * frac  # running-moment weight annealed 0.5 → 0.1
+        loss = peira_loss(*embed(*gaussian_pair(NN_BATCH, gen)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -1,22 +1,46 @@
-"""Tests for peira.py: every number is checked against an independent computation.
+"""Tests: every number is checked against an independent computation (float64 autograd, least
+squares, closed forms, a second implementation, one process against two).
 
     python -m pytest -q test_peira.py
+
+Part 1 is the specification of the core, peira.py: read it to learn what each function promises.
+Part 2 runs the scripts end to end on small data made here (no network).
 """
+import datetime
 import doctest
+import json
 import math
 import os
+import pickle
+import re
 import socket
+import subprocess
+import sys
 import tempfile
+import time
 from contextlib import nullcontext
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
+import bench
+import bench_digits
 import peira
+import plan
+import simsiam_dynamics as sd
+import train_cifar as tc
+import train_imagenet as ti
+import two_rooms as tr
+
+# =============================================================================
+# PART 1. peira.py, the specification of the core
+# =============================================================================
 
 F64 = torch.float64
 
@@ -222,9 +246,9 @@ def test_aux_loss_training_reaches_the_global_minimum(k, lam, seed):
     g = torch.Generator().manual_seed(100 + seed)
     U = (0.3 * torch.randn(6, k, generator=g, dtype=F64)).requires_grad_()
     V = (0.3 * torch.randn(5, k, generator=g, dtype=F64)).requires_grad_()
-    loss_fn = peira.PEIRALoss(k, lam=lam, eta=1.0).double()
+    peira_loss = peira.PEIRALoss(k, lam=lam, eta=1.0).double()
     for _ in range(3000):
-        loss = loss_fn(*population_samples(J, U, V))
+        loss = peira_loss(*population_samples(J, U, V))
         gU, gV = torch.autograd.grad(loss, (U, V))
         with torch.no_grad():  # the L2(P_x) gradient flow: table gradients divided by p(x)
             U -= 0.5 * gU / px[:, None]
@@ -248,22 +272,22 @@ def test_running_moments():
     u1, v1 = random_pair(32, 5, seed=6)
     u2, v2 = random_pair(32, 5, seed=7)
     for center in (False, True):
-        loss_fn = peira.PEIRALoss(5, lam=0.3, eta=1.0, center=center).double()
-        loss_fn(u2, v2); loss_fn(u1, v1)
+        peira_loss = peira.PEIRALoss(5, lam=0.3, eta=1.0, center=center).double()
+        peira_loss(u2, v2); peira_loss(u1, v1)
         N1, S1 = peira.moments(u1, v1, center)
-        torch.testing.assert_close(loss_fn.N, N1)
-        torch.testing.assert_close(loss_fn.S, S1)
+        torch.testing.assert_close(peira_loss.N, N1)
+        torch.testing.assert_close(peira_loss.S, S1)
         P1, Q1 = peira.optimal_regressor(N1, S1, 0.3)
-        torch.testing.assert_close(loss_fn.P, P1)
-        torch.testing.assert_close(loss_fn.Q, Q1)
-        assert abs(loss_fn.objective() - peira.peira_objective(u1, v1, 0.3, center).item()) < 1e-12
+        torch.testing.assert_close(peira_loss.P, P1)
+        torch.testing.assert_close(peira_loss.Q, Q1)
+        assert abs(peira_loss.objective() - peira.peira_objective(u1, v1, 0.3, center).item()) < 1e-12
         # eta = 0.25: the first batch initialises, the second is mixed in with weight 0.25
-        loss_fn = peira.PEIRALoss(5, lam=0.3, eta=0.25, center=center).double()
-        loss_fn(u1, v1); loss_fn(u2, v2)
+        peira_loss = peira.PEIRALoss(5, lam=0.3, eta=0.25, center=center).double()
+        peira_loss(u1, v1); peira_loss(u2, v2)
         N2, S2 = peira.moments(u2, v2, center)
-        torch.testing.assert_close(loss_fn.N, 0.75 * N1 + 0.25 * N2)
-        torch.testing.assert_close(loss_fn.S, 0.75 * S1 + 0.25 * S2)
-        assert loss_fn.steps.item() == 2
+        torch.testing.assert_close(peira_loss.N, 0.75 * N1 + 0.25 * N2)
+        torch.testing.assert_close(peira_loss.S, 0.75 * S1 + 0.25 * S2)
+        assert peira_loss.steps.item() == 2
 
 
 def test_running_moments_state_dict_and_eval_mode():
@@ -282,9 +306,9 @@ def test_running_moments_state_dict_and_eval_mode():
 
 def test_stats_against_direct_computations():
     u, v = random_pair(256, 6, seed=9)
-    loss_fn = peira.PEIRALoss(6, lam=0.4, eta=1.0).double()
-    loss_fn(u, v)
-    st = loss_fn.stats()
+    peira_loss = peira.PEIRALoss(6, lam=0.4, eta=1.0).double()
+    peira_loss(u, v)
+    st = peira_loss.stats()
     N, S = peira.moments(u, v)
     P, _ = peira.optimal_regressor(N, S, 0.4)
     assert abs(st["objective"] - peira.peira_objective(u, v, 0.4).item()) < 1e-12
@@ -303,8 +327,11 @@ def test_stats_against_direct_computations():
     assert torch.allclose(peira.canonical_correlations(N, S), corr, atol=1e-10) and corr.min() < 0
     x, y = torch.cat([u, v, -u, -v]), torch.cat([v, u, -v, -u])
     assert torch.allclose(corr.abs().sort(descending=True).values, peira.linear_cca(x, y)[0], atol=1e-10)
-    assert abs(st["median_corr"] - corr.median().item()) < 1e-10
+    assert abs(st["median_corr"] - corr[corr > 0].median().item()) < 1e-10
     assert st["kept"] == (corr > 0.4 ** 2).sum().item() / 6 and 0 < st["kept"] < 1  # directions above λ²
+    assert peira.canonical_correlations(N.float(), S.float()).dtype == torch.float32
+    fresh = peira.PEIRALoss(3, lam=0.3).stats()  # N = 0: no span, no correlation
+    assert math.isnan(fresh["median_corr"]) and fresh["kept"] == 0
 
 
 # -----------------------------------------------------------------------------
@@ -319,15 +346,15 @@ class TwoEncoders(nn.Module):
         return self.U(x), self.V(y)
 
 
-def train_steps(model, loss_fn, batches):
+def train_steps(model, peira_loss, batches):
     """Two SGD steps; returns per step (P, Q, loss, gradients of U and V)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     out = []
     for x, y in batches:
-        loss = loss_fn(*model(x, y))
+        loss = peira_loss(*model(x, y))
         opt.zero_grad()
         loss.backward()
-        out.append({"P": loss_fn.P, "Q": loss_fn.Q, "loss": loss.detach(),
+        out.append({"P": peira_loss.P, "Q": peira_loss.Q, "loss": loss.detach(),
                     "grads": [p.grad.clone() for p in model.parameters()]})
         opt.step()
     return out
@@ -348,10 +375,10 @@ def _distributed_worker(rank, world, port, folder):
     torch.set_num_threads(1)
     results = {}
     for center in (False, True):
-        model, loss_fn, batches = make_problem(center)
+        model, peira_loss, batches = make_problem(center)
         ddp = nn.parallel.DistributedDataParallel(model)
         local = [(x.chunk(world)[rank], y.chunk(world)[rank]) for x, y in batches]
-        results[center] = train_steps(ddp, loss_fn, local)
+        results[center] = train_steps(ddp, peira_loss, local)
     torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -367,8 +394,8 @@ def test_two_processes_match_one_process_on_the_concatenated_batch():
         mp.spawn(_distributed_worker, args=(2, free_port(), folder), nprocs=2, join=True)
         ranks = [torch.load(os.path.join(folder, f"rank{r}.pt"), weights_only=True) for r in range(2)]
     for center in (False, True):
-        model, loss_fn, batches = make_problem(center)
-        single = train_steps(model, loss_fn, batches)
+        model, peira_loss, batches = make_problem(center)
+        single = train_steps(model, peira_loss, batches)
         for step, ref in enumerate(single):
             for rank in ranks:
                 got = rank[center][step]
@@ -405,13 +432,13 @@ def test_bad_input_raises_clear_errors():
         peira.PEIRALoss(4)(u, v)
     with pytest.raises(ValueError, match="eta"):
         peira.PEIRALoss(3, eta=1.5)(u, v)
-    loss_fn = peira.PEIRALoss(3).double()
-    loss_fn(u, v)
+    peira_loss = peira.PEIRALoss(3).double()
+    peira_loss(u, v)
     bad = v.clone()
     bad[2, 1] = float("nan")
     with pytest.raises(FloatingPointError, match=r"step 1: v has 1 non-finite"):
-        loss_fn(u, bad)
-    assert loss_fn.steps.item() == 1 and torch.isfinite(loss_fn.N).all()  # nothing was updated
+        peira_loss(u, bad)
+    assert peira_loss.steps.item() == 1 and torch.isfinite(peira_loss.N).all()  # nothing was updated
     with pytest.raises(RuntimeError, match="no running moments"):
         peira.PEIRALoss(3).eval()(u.float(), v.float())
     J = random_joint(3, 3, seed=0)
@@ -439,11 +466,14 @@ def test_every_tensor_follows_the_inputs_device_and_dtype():
             assert out.device == meta and out.dtype == dtype, (out.device, out.dtype)
 
 
+# =============================================================================
+# PART 2. the scripts, end to end
+# =============================================================================
+
 # -----------------------------------------------------------------------------
 # bench.py and requirements.txt
 
 def test_bench_runs_every_loss_and_rejects_an_unknown_one(capsys):
-    import bench
     with pytest.raises(SystemExit) as exc:
         bench.main(["--losses", "peira,simclr"])
     assert exc.value.code == 2 and "unknown 'simclr'" in capsys.readouterr().err
@@ -456,7 +486,6 @@ def test_bench_runs_every_loss_and_rejects_an_unknown_one(capsys):
 def test_requirements_lower_bounds_cover_the_apis_used():
     """torchvision.io.decode_image(path) (train_imagenet.read_rgb) exists from torchvision 0.20,
     which needs torch 2.5: the lower bounds must not promise older versions."""
-    import re
     here = os.path.dirname(os.path.abspath(__file__))
     with open(os.path.join(here, "requirements.txt")) as fh:
         bounds = dict(re.findall(r"^([a-z]+)>=([0-9.]+)", fh.read(), re.M))
@@ -468,8 +497,6 @@ def test_requirements_lower_bounds_cover_the_apis_used():
 # simsiam_dynamics.py, reduced
 
 def test_simsiam_dynamics_reduced(tmp_path, monkeypatch):
-    import json
-    import simsiam_dynamics as sd
     monkeypatch.setattr(sd, "GRAD_REPEATS", 100)
     results = sd.main(["--starts", "4", "--out", str(tmp_path)])
     rows = [r for sec in (1, 2, 3, 4, 5) for r in results[f"section{sec}"]["rows"]]
@@ -527,9 +554,8 @@ def tiny_ssl_batches(steps=2, n=16):
 
 
 def tiny_ssl_run(loss, batches, accum=1, world=1, rank=0, clip=0.5):
-    """SGD steps of train_cifar.train_step on TinySSL (DDP when world > 1, each rank taking its
+    """SGD steps of tc.train_step on TinySSL (DDP when world > 1, each rank taking its
     contiguous share of every batch); returns the weights, probe and running moments."""
-    import train_cifar as tc
     torch.manual_seed(0)
     model, probe = TinySSL(loss == "simsiam"), nn.Linear(8, 10)
     peira_loss = peira.PEIRALoss(6, lam=0.3, eta=0.6)
@@ -549,7 +575,6 @@ DDP_CASES = [("peira", 1), ("peira_direct", 1), ("simsiam", 1), ("vicreg", 1), (
 
 def _fake_cifar_download(root):
     """A slow download (the other rank must wait for it) that leaves a log file per call."""
-    import time
     with open(os.path.join(root + "_log", f"download{dist.get_rank()}"), "w"):
         pass
     time.sleep(0.5)
@@ -562,7 +587,6 @@ def _non_finite_on_one_rank(rank, world):
     the update (with a local check rank 0 would go on into the probe's all-reduce while rank 1
     has stopped). Then NaN weights on rank 1 only: check_replicas raises FloatingPointError on
     both ranks."""
-    import train_cifar as tc
     torch.manual_seed(0)
     model, probe = TinySSL(True), nn.Linear(8, 10)
     ddp = nn.parallel.DistributedDataParallel(model)  # broadcasts rank 0's weights
@@ -589,9 +613,6 @@ def _two_rank_worker(rank, world, port, folder, imagenet_eval_argv, cifar_eval_a
     """The spawned tests in one pair of processes (spawning costs seconds): rank-0 download,
     training steps of every loss, a non-finite value on one rank, CIFAR and ImageNet --eval. A
     collective that one rank never joins fails after 60 s instead of hanging."""
-    import datetime
-    import train_cifar as tc
-    import train_imagenet as ti
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
@@ -615,8 +636,6 @@ def _two_rank_worker(rank, world, port, folder, imagenet_eval_argv, cifar_eval_a
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory, tiny_imagefolder):
     """(per-rank results, download log, the ImageNet --eval command line, the CIFAR one)."""
-    import train_cifar as tc
-    import train_imagenet as ti
     folder = tmp_path_factory.mktemp("two_ranks")
     (folder / "data_log").mkdir()
     torch.manual_seed(0)
@@ -667,7 +686,6 @@ def test_a_non_finite_value_on_one_rank_stops_every_rank(two_rank_results):
 
 
 def test_gradient_accumulation_vicreg_exact_peira_as_documented():
-    import train_cifar as tc
     batch = tiny_ssl_batches(1)
     x1, x2, _ = batch[0]
     # VICReg: the gradient of the loss of all 16 images (the model has no batch norm) ...
@@ -690,14 +708,14 @@ def test_gradient_accumulation_vicreg_exact_peira_as_documented():
     x1p, x2p = prev[0] + 1.0, prev[1] - 0.5  # a first step initialises the running moments
     torch.manual_seed(0)
     model, probe = TinySSL(False), nn.Linear(8, 10)
-    loss_fn = peira.PEIRALoss(6, lam=lam, eta=1.0)
+    peira_loss = peira.PEIRALoss(6, lam=lam, eta=1.0)
     opts = (torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(probe.parameters(), lr=0.1))
-    tc.train_step(model, None, model, probe, loss_fn, opts, (x1p, x2p, prev[2]), "peira", lam, 1.0, 1, 0.0, 1,
-                  nullcontext())
-    N0, S0 = loss_fn.N.clone(), loss_fn.S.clone()
+    tc.train_step(model, None, model, probe, peira_loss, opts, (x1p, x2p, prev[2]), "peira", lam, 1.0, 1,
+                  0.0, 1, nullcontext())
+    N0, S0 = peira_loss.N.clone(), peira_loss.S.clone()
     w0 = [p.detach().clone() for p in model.parameters()]
     zs = [[t.detach() for t in model(x1[j::2], x2[j::2])[1:3]] for j in range(2)]
-    tc.train_step(model, None, model, probe, loss_fn, opts, batch[0], "peira", lam, eta, 2, 0.0, 1,
+    tc.train_step(model, None, model, probe, peira_loss, opts, batch[0], "peira", lam, eta, 2, 0.0, 1,
                   nullcontext())
     N, S = N0, S0
     grad = [torch.zeros_like(p) for p in w0]
@@ -713,18 +731,17 @@ def test_gradient_accumulation_vicreg_exact_peira_as_documented():
         aux = peira.aux_loss(u_, v_, P, Q, lam) / 2
         for acc, g in zip(grad, torch.autograd.grad(aux, list(ref.parameters()))):
             acc += g
-    torch.testing.assert_close(loss_fn.N, N, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(loss_fn.S, S, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(peira_loss.N, N, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(peira_loss.S, S, rtol=1e-5, atol=1e-6)
     # the old moments keep the weight (1 − η) of a whole-batch step
     Na, Nb = (peira.moments(*z)[0] for z in zs)
     expected = (1 - eta) * N0 + eta_m * (1 - eta_m) * Na + eta_m * Nb
-    torch.testing.assert_close(loss_fn.N, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(peira_loss.N, expected, rtol=1e-5, atol=1e-6)
     for p, w, g in zip(model.parameters(), w0, grad):
         torch.testing.assert_close(p.detach(), w - 0.1 * g, rtol=1e-5, atol=1e-6)
 
 
 def test_checkpoint_save_refuses_non_finite_weights_and_load_falls_back(tmp_path, capsys):
-    import train_cifar as tc
     path = str(tmp_path / "ckpt.pt")
     state = {"model": {"w": torch.ones(3)}, "probe": {}, "peira": {}, "opt": {}, "probe_opt": {}, "epoch": 1,
              "config": {"loss": "peira"}}
@@ -755,14 +772,12 @@ def test_checkpoint_save_refuses_non_finite_weights_and_load_falls_back(tmp_path
 
 
 def test_check_replicas_names_non_finite_weights():
-    import train_cifar as tc
     tc.check_replicas([torch.ones(3), torch.zeros(2)], 1, "weights")
     with pytest.raises(FloatingPointError, match=r"non-finite weights .*rank 0: 1 of 2"):
         tc.check_replicas([torch.ones(3), torch.tensor([0.0, float("nan")])], 1, "weights")
 
 
 def test_resume_rules():
-    import train_cifar as tc
     saved = {"loss": "peira", "epochs": 10, "proj": "8-4", "world_size": 2, "workers": 4, "data": "a"}
     assert tc.check_resume(saved, {**saved, "workers": 1, "data": "b"}, []) == []  # not part of the run
     with pytest.raises(SystemExit, match=r"(?s)loss: checkpoint 'peira', now 'vicreg'.*world_size"):
@@ -777,8 +792,6 @@ def test_resume_rules():
 def make_fake_cifar(root, n_train=640, n_test=320, seed=0):
     """cifar-10-batches-py/{data_batch_1..5, test_batch}: pickled dicts of uint8 rows (N, 3072)
     and labels; images are noisy class-coloured squares so that accuracy means something."""
-    import pickle
-    import numpy as np
     rng = np.random.default_rng(seed)
     colours = rng.integers(0, 256, (10, 3, 1, 1))
     folder = os.path.join(root, "cifar-10-batches-py")
@@ -803,11 +816,10 @@ def fake_cifar(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def no_cifar_download(monkeypatch):
     """The tests never touch the network: a download attempt fails as it would offline."""
-    import train_cifar
 
     def offline(root):
         raise OSError("no network in the tests")
-    monkeypatch.setattr(train_cifar, "download_cifar", offline)
+    monkeypatch.setattr(tc, "download_cifar", offline)
 
 
 def cifar_args(data, out, *extra):
@@ -816,30 +828,36 @@ def cifar_args(data, out, *extra):
 
 
 def read_jsonl(path):
-    import json
     with open(path) as fh:
         return [json.loads(line) for line in fh]
 
 
 @pytest.mark.parametrize("loss", ["peira", "peira_direct", "simsiam", "vicreg"])
 def test_train_cifar_two_steps_of_each_loss(fake_cifar, tmp_path, loss):
-    import train_cifar
-    history = train_cifar.main(cifar_args(fake_cifar, tmp_path, "--loss", loss, "--epochs", "1"))
+    history = tc.main(cifar_args(fake_cifar, tmp_path, "--loss", loss, "--epochs", "1"))
     steps = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "step" in r]
     assert [r["step"] for r in steps] == [0, 1] and all(math.isfinite(r["loss"]) for r in steps)
-    # class-tinted images: kNN on the features is far above chance (10%)
+    # class-tinted images: kNN on the features is far above chance (10%), and so is the online probe
+    # (fit on the clean features kNN reads; trained on two augmented batches it stayed near chance)
     assert history[-1]["knn"] > 0.3 and math.isfinite(history[-1]["objective"])
+    assert history[-1]["online_probe"] > 0.3
     for name in ("results.json", "objective_vs_knn.png", "alignment_by_epoch.png"):
         assert (tmp_path / name).exists(), name
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["config"]["loss"] == loss and ckpt["config"]["world_size"] == 1
 
 
+def test_train_cifar_warns_when_lam_switches_directions_off(fake_cifar, tmp_path, capsys):
+    """λ² above every canonical correlation (≤ 1): PEIRA keeps no direction, and says so."""
+    history = tc.main(cifar_args(fake_cifar, tmp_path, "--lam", "1.5", "--epochs", "1"))
+    assert history[-1]["kept"] == 0
+    assert "warning: λ 1.5 keeps 0% of the 64 directions" in capsys.readouterr().out
+
+
 def test_online_probe_learns_a_separable_problem_within_one_tiny_epoch():
     """One epoch's fit of the online probe (PROBE_PASSES passes over the --tiny subset's 1024
     images) reads 10 linearly separable classes to > 90% on held-out points, features with the
     offset and scale of pooled ReLU features."""
-    import train_cifar as tc
     gen = torch.Generator().manual_seed(0)
     centers = torch.randn(10, 128, generator=gen)
 
@@ -857,7 +875,6 @@ def test_online_probe_learns_a_separable_problem_within_one_tiny_epoch():
 
 
 def test_tiny_preset_gives_way_to_flags_and_keeps_each_recipe_optimiser():
-    import train_cifar as tc
     assert tc.parse_args(["--tiny"]).subset == 1024 and tc.parse_args(["--tiny", "--subset", "0"]).subset == 0
     args = tc.parse_args(["--tiny", "--loss", "simsiam"])
     tc.check_args(args)
@@ -872,8 +889,6 @@ def test_digits_benchmark_writes_cifar_format_that_train_cifar_reads(tmp_path):
     reads every image back, the test split is stratified and disjoint from the training images, and
     the validation split holds training images only."""
     pytest.importorskip("sklearn")
-    import bench_digits
-    import train_cifar as tc
     from sklearn.datasets import load_digits
     bench_digits.build_digits(str(tmp_path / "test"))
     bench_digits.build_digits(str(tmp_path / "val"), validation=True)
@@ -897,8 +912,26 @@ def test_digits_benchmark_writes_cifar_format_that_train_cifar_reads(tmp_path):
     assert len(val_x) == 300 and len(val_read) == 1497 and not val_read & set(read[1497:])
 
 
+def test_digits_benchmark_summary_against_direct_computations(capsys):
+    """bench_digits.summary: last-epoch values, kNN change over the last half (last − middle epoch),
+    corr(objective, kNN) and the training time, from per-epoch records; one table row per label."""
+    gen = torch.Generator().manual_seed(0)
+    history = [{"epoch": e + 1, "knn": torch.rand(1, generator=gen).item(),
+                "online_probe": 0.5, "rank_N": 3.0 + e, "kept": 0.25, "alignment": 0.9,
+                "objective": torch.randn(1, generator=gen).item(), "epoch_time": 2.0} for e in range(6)]
+    row = bench_digits.summary(history)
+    knn, objective = [h["knn"] for h in history], [h["objective"] for h in history]
+    assert row["knn"] == knn[-1] and row["knn_last_half"] == knn[5] - knn[2] and row["rank_N"] == 8.0
+    mk, mo = sum(knn) / 6, sum(objective) / 6
+    cov = sum((k - mk) * (o - mo) for k, o in zip(knn, objective))
+    corr = cov / math.sqrt(sum((k - mk) ** 2 for k in knn) * sum((o - mo) ** 2 for o in objective))
+    assert abs(row["objective_knn_corr"] - corr) < 1e-12 and row["train_time_s"] == 12.0
+    bench_digits.print_table({"peira (λ 0.1)": [row, row]}, {"raw pixels": 0.5})
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| peira")]
+    assert lines and f"| peira (λ 0.1) | 2 | {100 * knn[-1]:.1f} | 50.0 |" in lines[0]
+
+
 def test_simsiam_runs_its_own_cifar_recipe():
-    import train_cifar as tc
     args = tc.parser.parse_args(["--loss", "simsiam"])
     tc.check_args(args)
     assert (args.optimizer, args.batch_size, args.lr, args.wd, args.warmup_epochs, args.clip, args.proj) == \
@@ -916,8 +949,6 @@ def test_simsiam_runs_its_own_cifar_recipe():
 
 
 def test_each_view_has_its_own_batch_norm_statistics():
-    import train_cifar as tc
-    import train_imagenet as ti
     g = torch.Generator().manual_seed(0)
     x1, x2 = torch.randn(4, 3, 32, 32, generator=g), torch.randn(4, 3, 32, 32, generator=g)
     for forward in (tc.SSLModel("simsiam", 4, [16, 16]), ti.SSLModel("peira", [16, 8])):
@@ -931,15 +962,12 @@ def test_train_cifar_resume_exact_after_a_corrupt_checkpoint(fake_cifar, tmp_pat
     """Resume is exact, falls back to the previous checkpoint when the last one is damaged,
     results.json covers the whole run (metrics.jsonl), not the last invocation, and the
     configuration is checked."""
-    import json
-    import numpy as np
-    import train_cifar
-    train_cifar.main(cifar_args(fake_cifar, tmp_path / "straight", "--epochs", "3"))
+    tc.main(cifar_args(fake_cifar, tmp_path / "straight", "--epochs", "3"))
     resumed = cifar_args(fake_cifar, tmp_path / "resumed", "--epochs", "3")
-    train_cifar.main(resumed + ["--stop-after", "2"])
+    tc.main(resumed + ["--stop-after", "2"])
     ckpt = tmp_path / "resumed" / "ckpt.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])  # truncated: epoch 2 is lost, epoch 1 is ckpt.pt.prev
-    train_cifar.main(resumed + ["--resume"])
+    tc.main(resumed + ["--resume"])
     straight = [r for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl") if "step" in r]
     records = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
     steps = [r for r in records if "step" in r]
@@ -951,22 +979,25 @@ def test_train_cifar_resume_exact_after_a_corrupt_checkpoint(fake_cifar, tmp_pat
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0)
     torch.testing.assert_close(a["peira"]["N"], b["peira"]["N"], rtol=0, atol=0)
+    for key in a["probe"]:  # the online probe, fit per epoch from its previous weights
+        torch.testing.assert_close(a["probe"][key], b["probe"][key], rtol=0, atol=0)
     epochs = [r for r in records if "knn" in r]
     assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    straight_epochs = [r for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl") if "knn" in r]
+    assert [r["online_probe"] for r in epochs] == [r["online_probe"] for r in straight_epochs]
     results = json.loads((tmp_path / "resumed" / "results.json").read_text())
     corr = np.corrcoef([r["objective"] for r in epochs], [r["knn"] for r in epochs])[0, 1]
     assert results["epochs_logged"] == 3 and abs(results["objective_knn_corr"] - corr) < 1e-12
     # a resume must repeat the checkpoint's settings, or name the deliberate changes
     with pytest.raises(SystemExit, match=r"(?s)loss: checkpoint 'peira', now 'vicreg'.*epochs"):
-        train_cifar.main(resumed[:-2] + ["--epochs", "4", "--loss", "vicreg", "--resume"])
-    history = train_cifar.main(resumed[:-2] + ["--epochs", "4", "--resume", "--allow-change", "epochs"])
+        tc.main(resumed[:-2] + ["--epochs", "4", "--loss", "vicreg", "--resume"])
+    history = tc.main(resumed[:-2] + ["--epochs", "4", "--resume", "--allow-change", "epochs"])
     assert [r["epoch"] for r in history] == [1, 2, 3, 4]
 
 
 def test_train_cifar_eval_mode(fake_cifar, tmp_path):
-    import train_cifar
-    train_cifar.main(cifar_args(fake_cifar, tmp_path, "--epochs", "1"))
-    res = train_cifar.main(["--data", fake_cifar, "--eval", str(tmp_path / "ckpt.pt"),
+    tc.main(cifar_args(fake_cifar, tmp_path, "--epochs", "1"))
+    res = tc.main(["--data", fake_cifar, "--eval", str(tmp_path / "ckpt.pt"),
                             "--probe-epochs", "300"])
     assert res["linear_top1"] > 0.3 and res["epoch"] == 1  # chance: 10%
 
@@ -974,7 +1005,6 @@ def test_train_cifar_eval_mode(fake_cifar, tmp_path):
 def test_train_cifar_eval_on_two_ranks_probes_on_rank_0(two_rank_results):
     """--eval under torchrun: the ranks share the features (rank 0 alone downloads, see
     test_only_rank_0_downloads_cifar), rank 0 alone trains the probe, with one process's result."""
-    import train_cifar as tc
     ranks, _, _, argv = two_rank_results
     assert ranks[1]["cifar_eval"] is None
     assert ranks[0]["cifar_eval"] == tc.main(argv)
@@ -984,7 +1014,6 @@ def test_cifar_views_do_not_depend_on_the_number_of_loader_workers():
     """Each image's views are seeded by (seed, epoch, index), not by the loader workers' seeds:
     0 and 2 workers give the same batches (so --workers may change on --resume); another epoch
     gives other views."""
-    import train_cifar as tc
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8, generator=g)
     dataset = tc.TwoViews(images, torch.arange(24) % 10, seed=3)
@@ -999,8 +1028,6 @@ def test_cifar_views_do_not_depend_on_the_number_of_loader_workers():
 def test_train_cifar_two_processes(fake_cifar, tmp_path):
     """torchrun, gloo: the script itself checks at every epoch that both ranks hold identical
     weights, online probe and running moments (it stops otherwise)."""
-    import subprocess
-    import sys
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "train_cifar.py", *cifar_args(fake_cifar, tmp_path, "--epochs", "1", "--loss", "peira_direct")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
@@ -1023,25 +1050,24 @@ def test_only_rank_0_downloads_cifar(two_rank_results):
 
 
 def test_train_cifar_bad_input(fake_cifar, tmp_path, monkeypatch):
-    import train_cifar
     calls = []
 
     def offline(root):
         calls.append(root)
         raise OSError("no network in the tests")
-    monkeypatch.setattr(train_cifar, "download_cifar", offline)
+    monkeypatch.setattr(tc, "download_cifar", offline)
     with pytest.raises(SystemExit, match="(?s)CIFAR-10 not found at .*nowhere.*no network in the tests"):
-        train_cifar.main(cifar_args(str(tmp_path / "nowhere"), tmp_path, "--epochs", "1"))
+        tc.main(cifar_args(str(tmp_path / "nowhere"), tmp_path, "--epochs", "1"))
     assert calls == [str(tmp_path / "nowhere")]
     with pytest.raises(SystemExit):
-        train_cifar.main(cifar_args(fake_cifar, tmp_path, "--lam", "-1"))
+        tc.main(cifar_args(fake_cifar, tmp_path, "--lam", "-1"))
     with pytest.raises(SystemExit):
-        train_cifar.main(cifar_args(fake_cifar, tmp_path, "--allow-change", "epochz"))
+        tc.main(cifar_args(fake_cifar, tmp_path, "--allow-change", "epochz"))
     with pytest.raises(SystemExit, match="no checkpoint"):
-        train_cifar.main(cifar_args(fake_cifar, tmp_path / "empty", "--resume"))
+        tc.main(cifar_args(fake_cifar, tmp_path / "empty", "--resume"))
     # a diverging run stops at the step that produced a non-finite value and saves nothing
     with pytest.raises(FloatingPointError, match="step"):
-        train_cifar.main(cifar_args(fake_cifar, tmp_path / "nan", "--epochs", "1", "--optimizer", "sgd",
+        tc.main(cifar_args(fake_cifar, tmp_path / "nan", "--epochs", "1", "--optimizer", "sgd",
                                     "--lr", "1e30", "--clip", "0", "--warmup-epochs", "0"))
     assert not (tmp_path / "nan" / "ckpt.pt").exists()
 
@@ -1051,7 +1077,6 @@ def test_train_cifar_bad_input(fake_cifar, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_imagefolder(tmp_path_factory):
-    import torchvision
     root = tmp_path_factory.mktemp("imagenet")
     g = torch.Generator().manual_seed(0)
     for split, n in (("train", 8), ("val", 4)):
@@ -1074,9 +1099,6 @@ def test_train_imagenet_two_ranks_hold_the_moments_of_the_concatenated_batch(tin
     """torchrun, 2 ranks (gloo): after the first step (η = 1) the running moments are the moments
     of the global batch; recomputed here in one process from the same images, views and weights.
     The script checks that both ranks hold identical weights, probe and moments."""
-    import subprocess
-    import sys
-    import train_imagenet as ti
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "train_imagenet.py", *imagenet_args(tiny_imagefolder, tmp_path, "--epochs", "1")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
@@ -1108,7 +1130,6 @@ def test_train_imagenet_two_ranks_hold_the_moments_of_the_concatenated_batch(tin
 
 
 def test_train_imagenet_resume_and_eval(tiny_imagefolder, tmp_path):
-    import train_imagenet as ti
     common = imagenet_args(tiny_imagefolder, tmp_path / "straight", "--epochs", "2", "--batch-size", "8")
     ti.main(common)
     resumed = imagenet_args(tiny_imagefolder, tmp_path / "resumed", "--epochs", "2", "--batch-size", "8")
@@ -1132,7 +1153,6 @@ def test_train_imagenet_resume_and_eval(tiny_imagefolder, tmp_path):
 def test_train_imagenet_eval_on_two_ranks_keeps_the_features_on_rank_0(two_rank_results):
     """2 ranks: rank 0 alone gathers the 16 training features (not every rank: 10 GB each on
     ImageNet) and trains the probe; its result is that of one process."""
-    import train_imagenet as ti
     ranks, _, argv, _ = two_rank_results
     assert ranks[1]["gather"] == (None, None)
     features, labels = ranks[0]["gather"]  # uneven shards back in the split's order
@@ -1144,7 +1164,6 @@ def test_train_imagenet_eval_on_two_ranks_keeps_the_features_on_rank_0(two_rank_
 
 
 def test_train_imagenet_layout_and_argument_errors(tmp_path):
-    import train_imagenet as ti
 
     def layout(train, val):
         root = tmp_path / f"layout{len(list(tmp_path.iterdir()))}"
@@ -1180,7 +1199,6 @@ def test_train_imagenet_layout_and_argument_errors(tmp_path):
 # two_rooms.py and plan.py
 
 def test_two_rooms_dynamics_and_rendering():
-    import two_rooms as tr
     right = torch.full((20,), 3)
     blocked = torch.tensor([[27.0, 40.0]])
     for a in right:  # the wall blocks
@@ -1205,7 +1223,6 @@ def test_two_rooms_dynamics_and_rendering():
 
 
 def test_two_rooms_data_cross_the_door_as_often_as_asked():
-    import two_rooms as tr
     n = 2000
     base, _ = tr.random_trajectories(n, 48, seed=0, door_fraction=0.0)
     half, half_actions = tr.random_trajectories(n, 48, seed=0, door_fraction=0.5)
@@ -1220,7 +1237,6 @@ def test_two_rooms_data_cross_the_door_as_often_as_asked():
 
 
 def test_two_rooms_data_cache_is_keyed_by_every_generation_parameter(tmp_path, monkeypatch):
-    import two_rooms as tr
     args = tr.parser.parse_args(["--out", str(tmp_path), "--trajectories", "64", "--length", "16"])
     pos, actions = tr.load_data(args)
     assert pos.shape == (64, 17, 2) and actions.shape == (64, 16)
@@ -1244,7 +1260,6 @@ def test_two_rooms_data_cache_is_keyed_by_every_generation_parameter(tmp_path, m
 def test_world_model_predictions_reach_beyond_the_unit_range(predictor):
     """A GRU state alone stays in (−1, 1) from a start inside it; the embeddings do not (LayerNorm):
     the predictor's outputs must be able to reach them."""
-    import two_rooms as tr
     torch.manual_seed(0)
     model = tr.WorldModel(16, 8, predictor)
     z = model.encode(tr.render(torch.tensor([[20.0, 30.0], [40.0, 50.0]]), 16))
@@ -1257,7 +1272,6 @@ def test_world_model_predictions_reach_beyond_the_unit_range(predictor):
 
 
 def test_pldm_loss_terms_match_a_direct_computation():
-    import two_rooms as tr
     torch.manual_seed(0)
     B, T, D = 12, 5, 6
     z = torch.randn(B, T + 1, D, dtype=torch.float64)
@@ -1291,7 +1305,6 @@ def test_pldm_loss_terms_match_a_direct_computation():
 
 @pytest.mark.parametrize("loss", ["peira", "pldm", "lewm"])
 def test_each_world_model_loss_decreases_on_a_small_batch(loss):
-    import two_rooms as tr
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     pos, actions = tr.random_trajectories(32, 12, seed=0, door_fraction=0.5)
@@ -1320,7 +1333,6 @@ def test_each_world_model_loss_decreases_on_a_small_batch(loss):
 
 
 def test_segment_sequences_are_piecewise_constant():
-    import plan
     seq = plan.segment_sequences(5, 64, 20, 3, torch.Generator().manual_seed(0))
     changes = (seq[..., 1:] != seq[..., :-1]).sum(-1)
     assert seq.shape == (5, 64, 20) and changes.max() == 2 and (changes == 0).any()
@@ -1329,8 +1341,6 @@ def test_segment_sequences_are_piecewise_constant():
 
 def test_planner_with_the_true_dynamics_reaches_95_percent_of_cross_room_pairs():
     """The planner's ceiling: with the true dynamics and a wall-blind cost it must find the door."""
-    import plan
-    import two_rooms as tr
     starts, goals = tr.start_goal_pairs(20, 7)
     assert ((starts[:, 0] < tr.WALL_X) != (goals[:, 0] < tr.WALL_X)).all()  # always across the wall
     field = plan.DistanceField(starts, goals)
@@ -1347,9 +1357,6 @@ def test_planner_with_the_true_dynamics_reaches_95_percent_of_cross_room_pairs()
 
 
 def test_two_rooms_and_plan_end_to_end(tmp_path):
-    import json
-    import plan
-    import two_rooms as tr
     tr.main(["--out", str(tmp_path), "--steps", "4", "--trajectories", "64", "--length", "24", "--res", "16",
              "--batch-size", "8"])
     for name in ("peira", "pldm", "lewm"):

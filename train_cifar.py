@@ -7,14 +7,16 @@
     python train_cifar.py --resume                         # continue exactly from --out/ckpt.pt
     python train_cifar.py --eval out/cifar/ckpt.pt         # offline linear probe of a checkpoint
 
-Losses (--loss): peira (running moments, η annealed, the preprint's Algorithm 1), peira_direct
-(P, Q from the global minibatch, back-propagated through the inverse: the "bad" algorithm), simsiam
-(predictor + stop-gradient, SimSiam's own CIFAR recipe), vicreg (25 / 25 / 1, global-batch
-statistics). Each loss runs the recipe in RECIPES unless flags override it (README). Every epoch:
-kNN accuracy (cosine, k 200, T 0.1, clean train images as memory bank), online linear probe, the
-PEIRA objective and diagnostics of the embeddings (for every loss), a checkpoint (the previous one
-is kept as ckpt.pt.prev). Writes into --out: config.json, metrics.jsonl, ckpt.pt, results.json,
-objective_vs_knn.png; results and figure cover the whole run, across resumes.
+Losses (--loss): peira (running moments, η annealed, Algorithm 1 of the PEIRA preprint,
+arXiv:2605.17671), peira_direct (P, Q from the global minibatch, back-propagated through the
+inverse: the "bad" algorithm), simsiam (predictor + stop-gradient, SimSiam's own CIFAR recipe),
+vicreg (25 / 25 / 1, global-batch statistics). Each loss runs the recipe in RECIPES unless flags
+override it (README). Every epoch: kNN accuracy (cosine, k 200, T 0.1, clean train images as
+memory bank), the online linear probe (fit on the same clean features), the PEIRA objective and
+diagnostics of the embeddings (for every loss), a checkpoint (the previous one is kept as
+ckpt.pt.prev). Writes into --out: config.json, metrics.jsonl, ckpt.pt, results.json,
+objective_vs_knn.png, alignment_by_epoch.png; results and figures cover the whole run, across
+resumes. Any folder in CIFAR-10's on-disk format works as --data (bench_digits.py writes one).
 """
 import argparse
 import json
@@ -67,7 +69,7 @@ parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=tor
                     help="bf16 autocast (moments and solves stay in float32)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
 parser.add_argument("--tiny", action="store_true",
-                    help="CPU preset: width 16, proj 128-128-64, 1024 images, 3 epochs")
+                    help="CPU preset: width 16, proj 128-128-64, 1024 images, 3 epochs, λ 0.1")
 parser.add_argument("--resume", action="store_true",
                     help="continue from --out/ckpt.pt (its configuration must match, see --allow-change)")
 parser.add_argument("--allow-change", default="", metavar="KEYS",
@@ -90,11 +92,12 @@ RECIPES = {
                     clip=0.0, clip_from=0, proj="2048-2048"),
 }
 TINY = dict(width=16, proj="128-128-64", subset=1024, epochs=3, batch_size=128, warmup_epochs=1,
-            workers=2, clip_from=0)
+            workers=2, clip_from=0, lam=0.1)  # λ by the rule in README (Choosing λ), not the preprint's 0.7
 TINY_LARS_LR = 0.3  # --tiny with LARS (PEIRA, VICReg); SimSiam's SGD keeps its recipe's lr per 256 images
 KNN_K, KNN_T = 200, 0.1          # kNN monitor (InstDisc / solo-learn)
 PROBE_PASSES, PROBE_LR = 5, 0.1  # online probe: SGD passes over the clean training features per epoch
 COLLAPSE_STD = 0.1               # warn when √k · std of the normalised embeddings falls below this
+KEPT_WARN = 0.2                  # warn when PEIRA keeps fewer directions (correlation > λ²) than this share
 VICREG_COEFFS = (25.0, 25.0, 1.0)  # invariance, variance, covariance (official VICReg)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -398,6 +401,60 @@ def metrics_records(path, upto_epoch=None):
             fh.writelines(json.dumps(r) + "\n" for r in records)
     return records
 
+def prepare_out(args, config, ckpt, metrics_path):
+    """Rank 0's --out before training: metrics.jsonl started anew, or cut back to the checkpoint's
+    epoch when resuming (the records after it belong to a lost or cut-off epoch); config.json."""
+    os.makedirs(args.out, exist_ok=True)
+    if ckpt is None:
+        open(metrics_path, "w").close()
+    else:
+        metrics_records(metrics_path, upto_epoch=ckpt["epoch"])
+    with open(os.path.join(args.out, "config.json"), "w") as fh:
+        json.dump(config, fh, indent=1)
+
+
+def restore(ckpt, states):
+    """Load each object of states {checkpoint key: object} from ckpt; returns the epoch to start
+    from (0 without a checkpoint)."""
+    if ckpt is None:
+        return 0
+    for name, obj in states.items():
+        obj.load_state_dict(ckpt[name])
+    return ckpt["epoch"]
+
+
+def wrap_for_training(model, args, world, device):
+    """(ddp, forward, autocast): DDP when distributed, torch.compile with --compile, bf16 autocast
+    with --bf16 (moments and solves stay in float32 inside peira.py)."""
+    ddp = None
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    forward = torch.compile(ddp or model) if args.compile else (ddp or model)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+    return ddp, forward, autocast
+
+
+def setting_problems(args):
+    """(problems, projector widths) for the settings both scripts check alike: λ, η, the names in
+    --allow-change, --proj; the caller adds its own and reports them all in one parser error."""
+    problems = []
+    if not args.lam > 0:
+        problems.append(f"--lam must be > 0 (got {args.lam})")
+    if not (0 < args.eta_end <= 1 and 0 < args.eta_start <= 1):
+        problems.append("--eta-start and --eta-end must be in (0, 1]")
+    unknown = [k for k in args.allow_change.split(",") if k and k not in vars(args) and k != "world_size"]
+    if unknown:
+        problems.append(f"--allow-change: unknown settings {', '.join(unknown)}")
+    proj = None
+    try:
+        proj = [int(d) for d in args.proj.split("-")]
+        assert all(d > 0 for d in proj)
+    except (ValueError, AssertionError):
+        problems.append(f"--proj must be widths like 2048-2048-1024 (got {args.proj!r})")
+    return problems, proj
+
+
 # end of the code shared by train_cifar.py and train_imagenet.py
 # =============================================================================
 
@@ -624,6 +681,20 @@ def sharded_features(backbone, images, device, rank, world):
     return all_gather_cat(padded, world)[:len(images)]
 
 
+def sgd_passes(classifier, opt, feats, labels, passes, gen, batch, sched=None, desc=None):
+    """Passes of minibatch SGD (cross-entropy) over fixed features, in the order drawn from gen."""
+    for _ in tqdm(range(passes), desc=desc, leave=False, disable=desc is None):
+        perm = torch.randperm(len(feats), generator=gen).to(feats.device)
+        for i in range(0, len(feats), batch):
+            idx = perm[i:i + batch]
+            loss = F.cross_entropy(classifier(feats[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+
+
 class OnlineProbe(nn.Module):
     """The online linear probe: features standardised with the mean and std of the clean training
     features (set each epoch), so that one learning rate suits features of any scale, then a linear
@@ -641,22 +712,18 @@ class OnlineProbe(nn.Module):
 
 def fit_online_probe(probe, probe_opt, train_feat, train_y, passes, seed, batch=256):
     """The online probe's training of one epoch: `passes` passes of SGD over the clean training
-    features (the kNN memory bank), from the weights it ended the previous epoch with. It reads the
-    same features as kNN: a probe trained step by step on the augmented views reads another
-    distribution (crops of 20% of an image, batch-norm in train mode) and stays near chance on
-    short runs while kNN on clean features is far above it. Every rank holds all the features and
-    the same seed: the ranks fit the same probe with no communication."""
+    features (the kNN memory bank), from the weights it ended the previous epoch with, so that it
+    reads the same distribution as kNN and is evaluated on (clean images, batch-norm in eval mode),
+    not that of the augmented views. Every rank holds all the features and fits from the same seed;
+    rank 0's probe is then broadcast, so that the ranks hold it bit for bit whatever the kernels."""
     probe.mean.copy_(train_feat.mean(0))
-    probe.std.copy_(train_feat.std(0) + 1e-6)
+    std = train_feat.std(0)
+    probe.std.copy_(std.clamp_min(1e-3 * std.mean().clamp_min(1e-12)))  # no division by ~0
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    for _ in range(passes):
-        perm = torch.randperm(len(train_feat), generator=gen).to(train_feat.device)
-        for i in range(0, len(train_feat), batch):
-            idx = perm[i:i + batch]
-            loss = F.cross_entropy(probe(train_feat[idx]), train_y[idx])
-            probe_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            probe_opt.step()
+    sgd_passes(probe, probe_opt, train_feat, train_y, passes, gen, batch)
+    if dist.is_available() and dist.is_initialized():
+        for t in (*probe.parameters(), *probe.buffers()):
+            dist.broadcast(t.data, 0)
 
 
 def linear_probe(train_x, train_y, test_x, test_y, epochs, seed, batch=1024):
@@ -668,15 +735,7 @@ def linear_probe(train_x, train_y, test_x, test_y, epochs, seed, batch=1024):
     opt = torch.optim.SGD(clf.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-6)
     steps = epochs * math.ceil(len(train_x) / batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in tqdm(range(epochs), desc="linear probe", leave=False):
-        perm = torch.randperm(len(train_x), generator=gen).to(train_x.device)
-        for i in range(0, len(train_x), batch):
-            idx = perm[i:i + batch]
-            loss = F.cross_entropy(clf(train_x[idx]), train_y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    sgd_passes(clf, opt, train_x, train_y, epochs, gen, batch, sched, desc="linear probe")
     with torch.no_grad():
         top5 = clf(test_x).topk(5, dim=1).indices
     top1 = (top5[:, 0] == test_y).float().mean().item()
@@ -780,21 +839,9 @@ def check_args(args):
         args.lr = TINY_LARS_LR
     elif args.lr is None:
         args.lr = recipe["lr"] if "lr" in recipe else recipe["lr_per_256"] * args.batch_size / 256
-    problems = []
-    if not args.lam > 0:
-        problems.append(f"--lam must be > 0 (got {args.lam})")
-    if not (0 < args.eta_end <= 1 and 0 < args.eta_start <= 1):
-        problems.append("--eta-start and --eta-end must be in (0, 1]")
+    problems, proj = setting_problems(args)
     if args.epochs < 1 or args.batch_size < 2 or args.lr <= 0:
         problems.append("--epochs ≥ 1, --batch-size ≥ 2 and --lr > 0 are required")
-    unknown = [k for k in args.allow_change.split(",") if k and k not in vars(args) and k != "world_size"]
-    if unknown:
-        problems.append(f"--allow-change: unknown settings {', '.join(unknown)}")
-    try:
-        proj = [int(d) for d in args.proj.split("-")]
-        assert all(d > 0 for d in proj)
-    except (ValueError, AssertionError):
-        problems.append(f"--proj must be widths like 2048-2048-1024 (got {args.proj!r})")
     if problems:
         parser.error("; ".join(problems))
     return proj
@@ -822,13 +869,7 @@ def main(argv=None):
             sys.exit(f"--resume: no checkpoint at {ckpt_path}")
         changes = check_resume(ckpt["config"], config, args.allow_change.split(","))
     if master:
-        os.makedirs(args.out, exist_ok=True)
-        if ckpt is None:
-            open(metrics_path, "w").close()
-        else:  # the records after the checkpoint's epoch belong to a lost or cut-off epoch
-            metrics_records(metrics_path, upto_epoch=ckpt["epoch"])
-        with open(os.path.join(args.out, "config.json"), "w") as fh:
-            json.dump(config, fh, indent=1)
+        prepare_out(args, config, ckpt, metrics_path)
 
     # data
     train_x, train_y, test_x, test_y = load_splits(args.data, args.subset, rank, world)
@@ -849,20 +890,11 @@ def main(argv=None):
     peira_loss = peira.PEIRALoss(proj[-1], lam=args.lam, eta=args.eta_start).to(device)
     opt = make_optimizer(model, args)
     probe_opt = torch.optim.SGD(probe.parameters(), lr=PROBE_LR, momentum=0.9)
-    start_epoch = 0
-    if ckpt is not None:
-        for name, obj in (("model", model), ("probe", probe), ("peira", peira_loss), ("opt", opt),
-                          ("probe_opt", probe_opt)):
-            obj.load_state_dict(ckpt[name])
-        start_epoch = ckpt["epoch"]
-        if master:
-            print(f"resumed from {ckpt_path} at epoch {start_epoch}", *changes, sep="\n  ")
-    ddp = None
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    forward = torch.compile(ddp or model) if args.compile else (ddp or model)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+    start_epoch = restore(ckpt, {"model": model, "probe": probe, "peira": peira_loss, "opt": opt,
+                                 "probe_opt": probe_opt})
+    if ckpt is not None and master:
+        print(f"resumed from {ckpt_path} at epoch {start_epoch}", *changes, sep="\n  ")
+    ddp, forward, autocast = wrap_for_training(model, args, world, device)
 
     # metrics.jsonl stays open for the run (rank 0), line-buffered: each record reaches the file as
     # it is written, so a crash or a preemption loses none
@@ -890,7 +922,8 @@ def main(argv=None):
                                            args.loss, args.lam, eta, 1, clip, world, autocast)
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(f"non-finite loss {loss_value} at step {step} (epoch "
-                                             f"{epoch + 1}); the last good checkpoint, if any, is {ckpt_path}")
+                                             f"{epoch + 1}); the last good checkpoint, if any, is "
+                                             f"{ckpt_path}")
                 # log: progress bar, one metrics record per step
                 seen += 2 * len(batch[0]) * world
                 if master:
@@ -915,13 +948,17 @@ def main(argv=None):
                       "normalized_std": std, **stats}
             history.append(record)
             # every rank holds the same weights, probe and running moments (DDP; the same probe fit)
-            check_replicas([*model.parameters(), *probe.parameters(), peira_loss.N, peira_loss.S], world,
-                           "weights or running moments")
+            check_replicas([*model.parameters(), *probe.parameters(), *probe.buffers(), peira_loss.N,
+                            peira_loss.S], world, "weights or running moments")
             # log and checkpoint (rank 0)
             if master:
                 if std < COLLAPSE_STD:
                     print(f"warning: embeddings collapsing at epoch {epoch + 1}: √k·std of normalised "
                           f"embeddings {std:.3f}")
+                if args.loss == "peira" and stats["kept"] < KEPT_WARN:
+                    print(f"warning: λ {args.lam} keeps {stats['kept']:.0%} of the {proj[-1]} directions "
+                          f"(canonical correlation > λ²): PEIRA is switching the others off; a smaller "
+                          f"--lam keeps them (README: Choosing λ)")
                 print(f"epoch {epoch + 1}: loss {loss_value:.4f}  kNN {100 * knn:.2f}%  "
                       f"probe {100 * probe_acc:.2f}%  objective {stats['objective']:.4f}  "
                       f"rank(N) {stats['rank_N']:.1f}  {seen / epoch_time:.0f} img/s")

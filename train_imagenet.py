@@ -393,6 +393,60 @@ def metrics_records(path, upto_epoch=None):
             fh.writelines(json.dumps(r) + "\n" for r in records)
     return records
 
+def prepare_out(args, config, ckpt, metrics_path):
+    """Rank 0's --out before training: metrics.jsonl started anew, or cut back to the checkpoint's
+    epoch when resuming (the records after it belong to a lost or cut-off epoch); config.json."""
+    os.makedirs(args.out, exist_ok=True)
+    if ckpt is None:
+        open(metrics_path, "w").close()
+    else:
+        metrics_records(metrics_path, upto_epoch=ckpt["epoch"])
+    with open(os.path.join(args.out, "config.json"), "w") as fh:
+        json.dump(config, fh, indent=1)
+
+
+def restore(ckpt, states):
+    """Load each object of states {checkpoint key: object} from ckpt; returns the epoch to start
+    from (0 without a checkpoint)."""
+    if ckpt is None:
+        return 0
+    for name, obj in states.items():
+        obj.load_state_dict(ckpt[name])
+    return ckpt["epoch"]
+
+
+def wrap_for_training(model, args, world, device):
+    """(ddp, forward, autocast): DDP when distributed, torch.compile with --compile, bf16 autocast
+    with --bf16 (moments and solves stay in float32 inside peira.py)."""
+    ddp = None
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    forward = torch.compile(ddp or model) if args.compile else (ddp or model)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+    return ddp, forward, autocast
+
+
+def setting_problems(args):
+    """(problems, projector widths) for the settings both scripts check alike: λ, η, the names in
+    --allow-change, --proj; the caller adds its own and reports them all in one parser error."""
+    problems = []
+    if not args.lam > 0:
+        problems.append(f"--lam must be > 0 (got {args.lam})")
+    if not (0 < args.eta_end <= 1 and 0 < args.eta_start <= 1):
+        problems.append("--eta-start and --eta-end must be in (0, 1]")
+    unknown = [k for k in args.allow_change.split(",") if k and k not in vars(args) and k != "world_size"]
+    if unknown:
+        problems.append(f"--allow-change: unknown settings {', '.join(unknown)}")
+    proj = None
+    try:
+        proj = [int(d) for d in args.proj.split("-")]
+        assert all(d > 0 for d in proj)
+    except (ValueError, AssertionError):
+        problems.append(f"--proj must be widths like 2048-2048-1024 (got {args.proj!r})")
+    return problems, proj
+
+
 # end of the code shared by train_cifar.py and train_imagenet.py
 # =============================================================================
 
@@ -633,21 +687,9 @@ def check_args(args):
         args.lr = recipe["lr"] if "lr" in recipe else recipe["lr_per_256"] * args.batch_size / 256
     if args.min_lr is None:
         args.min_lr = recipe["min_lr"] if "min_lr" in recipe else recipe["min_lr_ratio"] * args.lr
-    problems = []
-    if not args.lam > 0:
-        problems.append(f"--lam must be > 0 (got {args.lam})")
-    if not (0 < args.eta_end <= 1 and 0 < args.eta_start <= 1):
-        problems.append("--eta-start and --eta-end must be in (0, 1]")
+    problems, proj = setting_problems(args)
     if args.accum_steps < 1 or args.epochs < 1 or args.batch_size < 2:
         problems.append("--accum-steps ≥ 1, --epochs ≥ 1 and --batch-size ≥ 2 are required")
-    unknown = [k for k in args.allow_change.split(",") if k and k not in vars(args) and k != "world_size"]
-    if unknown:
-        problems.append(f"--allow-change: unknown settings {', '.join(unknown)}")
-    try:
-        proj = [int(d) for d in args.proj.split("-")]
-        assert all(d > 0 for d in proj)
-    except (ValueError, AssertionError):
-        problems.append(f"--proj must be widths like 8192-8192-256 (got {args.proj!r})")
     if problems:
         parser.error("; ".join(problems))
     return proj
@@ -671,13 +713,7 @@ def main(argv=None):
     ckpt = load_checkpoint(ckpt_path, rank)  # resume after a preemption or a --stop-after
     changes = [] if ckpt is None else check_resume(ckpt["config"], config, args.allow_change.split(","))
     if master:
-        os.makedirs(args.out, exist_ok=True)
-        if ckpt is None:
-            open(metrics_path, "w").close()
-        else:  # the records after the checkpoint's epoch belong to a lost or cut-off epoch
-            metrics_records(metrics_path, upto_epoch=ckpt["epoch"])
-        with open(os.path.join(args.out, "config.json"), "w") as fh:
-            json.dump(config, fh, indent=1)
+        prepare_out(args, config, ckpt, metrics_path)
 
     # data
     dataset = TwoViews(os.path.join(args.data, "train"), args.image_size, args.seed)
@@ -699,20 +735,11 @@ def main(argv=None):
     peira_loss = peira.PEIRALoss(proj[-1], lam=args.lam, eta=args.eta_start).to(device)
     opt = LARS(model.parameters(), lr=args.lr, weight_decay=args.wd)
     probe_opt = torch.optim.SGD(probe.parameters(), lr=0.1, momentum=0.9)
-    start_epoch = 0
-    if ckpt is not None:
-        for name, obj in (("model", model), ("probe", probe), ("peira", peira_loss), ("opt", opt),
-                          ("probe_opt", probe_opt)):
-            obj.load_state_dict(ckpt[name])
-        start_epoch = ckpt["epoch"]
-        if master:
-            print(f"resuming from {ckpt_path} at epoch {start_epoch}", *changes, sep="\n  ")
-    ddp = None
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    forward = torch.compile(ddp or model) if args.compile else (ddp or model)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+    start_epoch = restore(ckpt, {"model": model, "probe": probe, "peira": peira_loss, "opt": opt,
+                                 "probe_opt": probe_opt})
+    if ckpt is not None and master:
+        print(f"resumed from {ckpt_path} at epoch {start_epoch}", *changes, sep="\n  ")
+    ddp, forward, autocast = wrap_for_training(model, args, world, device)
 
     # metrics.jsonl stays open for the run (rank 0), line-buffered: each record reaches the file as
     # it is written, so a crash or a preemption loses none
