@@ -1,11 +1,12 @@
-"""A real-image SSL benchmark that runs on a CPU in minutes: PEIRA, SimSiam and VICReg, same budget.
+"""A real-image SSL benchmark on a CPU (about 15 min a seed): PEIRA, SimSiam and VICReg, same budget.
 
     python bench_digits.py                                     # the three losses: table, figures
     python bench_digits.py --seeds 0,1,2                       # three training seeds (README's table)
     python bench_digits.py --validation --lams 0.03,0.1,0.3,0.7,1  # PEIRA's λ sweep on validation images
 
 The images are the UCI handwritten digits that scikit-learn ships inside its package (1797 scans of
-8×8 pixels, 10 classes; Alpaydin & Kaynak 1998): nothing is downloaded. They are upsampled to 32×32
+8×8 pixels, 10 classes; E. Alpaydin and C. Kaynak, "Optical Recognition of Handwritten Digits", UCI
+Machine Learning Repository, 1998): nothing is downloaded. They are upsampled to 32×32
 RGB and written in CIFAR-10's on-disk format (cifar-10-batches-py: data_batch_1..5, test_batch,
 batches.meta), so that train_cifar.py trains on them unchanged with --data out/digits/data-test.
 The split is stratified and fixed: 1497 training images, 300 test images; with --validation, 300

@@ -108,6 +108,13 @@ class Row:
                 "pass": self.passed}
 
 
+def never_increases(quantity, rise, tolerance, where=""):
+    """The row of a one-sided claim: the largest rise of a quantity along a flow is its error (a
+    fall is no error)."""
+    return Row(f"{quantity} never increases{where}: max rise", theory=0.0, simulation=rise,
+               tolerance=tolerance, error=max(rise, 0))
+
+
 @dataclass
 class Section:
     """What a section returns: its rows of the table, and its results for results.json."""
@@ -275,8 +282,7 @@ def section_linear(args, figures):
     top_frac = (chosen.sort(1).values == top).all(1).double().mean().item()
     rows = [
         Row("orthogonal start: max |UUᵀ − I| over time", theory=0.0, simulation=orth, tolerance=1e-6),
-        Row("−½Tr((UΣyxUᵀ)²) never increases: max rise", theory=0.0, simulation=rise,
-            tolerance=1e-12, error=max(rise, 0)),  # a fall is no error
+        never_increases("−½Tr((UΣyxUᵀ)²)", rise, tolerance=1e-12),
         Row("limit spans an eigen-subspace of Σyx: max principal angle", theory=0.0, simulation=angle,
             tolerance=1e-6),
         Row(f"starts whose limit is the top-{k} |eigenvalue| subspace", theory=None, simulation=top_frac),
@@ -379,8 +385,7 @@ def section_simsiam(args, figures):
                      for k_small in range(1, k + 1)}
     rows = [
         Row("converges: max ‖dU/dt‖ at the end", theory=0.0, simulation=vel, tolerance=1e-8),
-        Row("Lyapunov F never increases: max rise", theory=0.0, simulation=rise,
-            tolerance=1e-10, error=max(rise, 0)),  # a fall is no error
+        never_increases("Lyapunov F", rise, tolerance=1e-10),
         Row("limits span canonical functions: max |U − Σ C_i u_i|", theory=0.0, simulation=resid,
             tolerance=1e-8),
         Row("limits select the top r directions (fraction of starts)", theory=1.0, simulation=top_frac,
@@ -544,8 +549,7 @@ def section_peira(args, figures):
     rows = [
         Row("closed-form flow = −gradient of peira.aux_loss: max error", theory=0.0,
             simulation=field_err, tolerance=1e-12),
-        Row("objective never increases along the flow: max rise", theory=0.0, simulation=rise,
-            tolerance=1e-10, error=max(rise, 0)),  # a fall is no error
+        never_increases("objective", rise, tolerance=1e-10, where=" along the flow"),
         Row("every start reaches −Σ max(√s_i − λ, 0)²/2", theory=L_star, simulation=L_end.max().item(),
             tolerance=1e-8, error=worst_gap),  # the error of the worst start, not of the largest value
         Row("amplitudes = peira_filter(s, λ): max error", theory=0.0, simulation=amp_err, tolerance=1e-6),
