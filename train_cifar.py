@@ -758,8 +758,9 @@ def evaluate_checkpoint(args, rank, world, device):
     fte = F.normalize(sharded_features(model.backbone, test_x, device, rank, world), dim=1)
     if rank != 0:
         return None
-    top1, top5 = linear_probe(ftr, train_y.to(device), fte, test_y.to(device), args.probe_epochs, args.seed)
-    knn = knn_accuracy(ftr, train_y.to(device), fte, test_y.to(device))
+    train_y, test_y = train_y.to(device), test_y.to(device)
+    top1, top5 = linear_probe(ftr, train_y, fte, test_y, args.probe_epochs, args.seed)
+    knn = knn_accuracy(ftr, train_y, fte, test_y)
     print(f"{args.eval} (epoch {ckpt['epoch']}): linear probe top-1 {100 * top1:.2f}%, "
           f"top-5 {100 * top5:.2f}%, kNN {100 * knn:.2f}%")
     return {"linear_top1": top1, "linear_top5": top5, "knn": knn, "epoch": ckpt["epoch"]}
@@ -874,6 +875,7 @@ def main(argv=None):
     # data
     train_x, train_y, test_x, test_y = load_splits(args.data, args.subset, rank, world)
     dataset = TwoViews(train_x, train_y, args.seed)
+    train_labels, test_labels = train_y.to(device), test_y.to(device)  # for kNN and the probe
     local_batch = args.batch_size // world
     steps_per_epoch = len(dataset) // args.batch_size
     if steps_per_epoch == 0:
@@ -935,12 +937,12 @@ def main(argv=None):
             # evaluation: kNN on clean images, the online probe fit on them, PEIRA diagnostics
             train_feat = sharded_features(model.backbone, train_x, device, rank, world)
             test_feat = sharded_features(model.backbone, test_x, device, rank, world)
-            knn = knn_accuracy(F.normalize(train_feat, dim=1), train_y.to(device),
-                               F.normalize(test_feat, dim=1), test_y.to(device))
-            fit_online_probe(probe, probe_opt, train_feat, train_y.to(device), PROBE_PASSES,
+            knn = knn_accuracy(F.normalize(train_feat, dim=1), train_labels,
+                               F.normalize(test_feat, dim=1), test_labels)
+            fit_online_probe(probe, probe_opt, train_feat, train_labels, PROBE_PASSES,
                              args.seed * 100_003 + epoch)
             with torch.no_grad():
-                probe_acc = (probe(test_feat).argmax(1).cpu() == test_y).float().mean().item()
+                probe_acc = (probe(test_feat).argmax(1) == test_labels).float().mean().item()
             stats = peira_loss.stats()
             std = embedding_spread(z)  # the last batch's embeddings of view 1
             record = {"epoch": epoch + 1, "knn": knn, "online_probe": probe_acc, "loss": loss_value,
