@@ -26,10 +26,10 @@ with P, Q formed from running moments, all-reduced across ranks under data paral
     >>> import torch
     >>> peira_loss = PEIRALoss(dim=8, lam=0.1, eta=0.5)
     >>> u, v = torch.randn(32, 8, requires_grad=True), torch.randn(32, 8, requires_grad=True)
-    >>> loss = peira_loss(u, v)     # update moments, form P and Q, return L_aux
+    >>> loss = peira_loss(u, v)     # update the moments, return L_aux (P, Q through solves)
     >>> loss.backward()
-    >>> sorted(peira_loss.stats())
-    ['alignment', 'embedding_std', 'eta', 'kept', 'median_corr', 'objective', 'rank_N', 'trace_P']
+    >>> sorted(peira_loss.stats())[:4]
+    ['alignment', 'embedding_std', 'eta', 'kept']
 
 Contents, in this order: moments, regressor, objective, auxiliary loss, PEIRALoss; then the
 tools to check the theory (nonlinear and linear CCA, the amplitudes of PEIRA's and SimSiam's
@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 __all__ = [
-    "moments", "optimal_regressor", "peira_objective", "aux_loss", "PEIRALoss",
+    "moments", "optimal_regressor", "peira_objective", "aux_loss", "aux_loss_from_moments", "PEIRALoss",
     "nonlinear_cca", "linear_cca", "canonical_correlations", "peira_filter", "simsiam_filter",
     "effective_rank", "alignment",
 ]
@@ -53,11 +53,14 @@ __all__ = [
 # moments
 
 def _moment_sums(u, v):
-    """Sums over the batch: (Σ uuᵀ + vvᵀ, Σ uvᵀ + vuᵀ, Σ u, Σ v), in float32 or float64."""
+    """Sums over the batch: (Σ uuᵀ + vvᵀ, Σ uvᵀ + vuᵀ, Σ u, Σ v), in float32 or float64. Two
+    products instead of three: with p = u + v and m = u − v, Σ ppᵀ ± Σ mmᵀ = 2 Σ(uuᵀ + vvᵀ) and
+    2 Σ(uvᵀ + vuᵀ)."""
     with _no_autocast(u):
         u, v = u.to(_compute_dtype(u)), v.to(_compute_dtype(u))
-        uv = u.T @ v
-        return u.T @ u + v.T @ v, uv + uv.T, u.sum(0), v.sum(0)
+        p, m = u + v, u - v
+        pp, mm = p.T @ p, m.T @ m
+        return (pp + mm) / 2, (pp - mm) / 2, u.sum(0), v.sum(0)
 
 
 def _moments_from_sums(sum_nn, sum_ss, sum_u, sum_v, n, center):
@@ -143,6 +146,30 @@ def aux_loss(u, v, P, Q, lam):
         return 0.5 * fit.mean() + 0.5 * lam * (u.square().sum(1) + v.square().sum(1)).mean()
 
 
+def aux_loss_from_moments(u, v, N, S, lam):
+    """aux_loss(u, v, *optimal_regressor(N, S, lam), lam) without forming P or Q: the value and
+    the gradient are the same.
+
+    With a = Qu, b = Qv (triangular solves on one Cholesky factor of N + λI) and Pu = S a, the fit
+    terms are aᵀ(S a − v) and bᵀ(S b − u): k³/3 + O(Bk²) operations instead of 3k³ + O(Bk²), and
+    no host synchronisation (a failed factorisation, impossible for finite N, returns NaN).
+    N and S are constants (detached).
+    """
+    _check_lam(lam)
+    _check_pair(u, v)
+    with _no_autocast(u):
+        dtype = _compute_dtype(u)
+        both = torch.cat([u, v]).to(dtype)                      # rows u_1..u_B, v_1..v_B
+        N, S = N.detach().to(dtype), S.detach().to(dtype)
+        eye = torch.eye(N.shape[0], dtype=dtype, device=N.device)
+        L, info = torch.linalg.cholesky_ex(N + lam * eye)
+        a = torch.cholesky_solve(both.T, L).T                   # rows (Qu)ᵀ then (Qv)ᵀ
+        partner = torch.cat([v, u]).to(dtype)
+        fit = (a * (a @ S - partner)).sum()                     # S symmetric: rows (S a)ᵀ = aᵀS
+        loss = 0.5 * (fit + lam * both.square().sum()) / u.shape[0]
+        return loss + torch.where(info == 0, 0.0, math.nan).to(dtype)
+
+
 # -----------------------------------------------------------------------------
 # the training module: running moments, all-reduced under data parallelism
 
@@ -151,77 +178,130 @@ class PEIRALoss(nn.Module):
 
     forward(u, v), in training mode:
       1. batch moment sums of u, v, all-reduced across ranks when torch.distributed is
-         initialised, so every rank sees the moments of the global batch;
+         initialised, so every rank sees the moments of the global batch (N and S are symmetric:
+         one triangle of each is sent);
       2. N ← (1−η)N + η N_batch, S ← (1−η)S + η S_batch (the first batch initialises them);
-      3. P, Q from the running moments, without gradient;
-      4. returns aux_loss on the local batch. DDP's gradient averaging then gives the gradient
-         of the global batch (for equal local batch sizes).
-    In eval mode the running moments are used as they are. `eta` may be changed between steps
-    to anneal it. With center=True, u and v are centered by the (global, detached) batch mean;
-    this leaves the gradient exact because the auxiliary gradient is linear in the centered
-    embeddings, which sum to zero over the batch.
+      3. returns the auxiliary loss on the local batch with P, Q of the running moments, from one
+         Cholesky factor and triangular solves (aux_loss_from_moments; P and Q themselves are
+         formed only when asked for: .P, .Q, stats()). DDP's gradient averaging then gives the
+         gradient of the global batch (for equal local batch sizes).
+    In eval mode the running moments are used as they are. update(u, v) does steps 1 and 2 only
+    (a monitor of another loss). With center=True, u and v are centered by the (global, detached)
+    batch mean; this leaves the gradient exact because the auxiliary gradient is linear in the
+    centered embeddings, which sum to zero over the batch.
+
+    Built for a training step without host synchronisation: η is a buffer (set it between steps,
+    `peira_loss.eta = 0.6`: torch.compile does not recompile), a global batch with a NaN or inf
+    leaves the running moments as they were and makes the loss NaN on every rank (check the loss,
+    as for any loss; non_finite_steps counts such batches), and N and S stay in float32 (float64
+    after .double()) whatever .to(dtype) the module gets.
     """
 
     def __init__(self, dim, lam=0.1, eta=0.5, center=False):
         super().__init__()
         _check_lam(lam)
-        self.dim, self.lam, self.eta, self.center = dim, lam, eta, center
+        self.dim, self.lam, self.center = dim, lam, center
         self.register_buffer("N", torch.zeros(dim, dim))
         self.register_buffer("S", torch.zeros(dim, dim))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("non_finite_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("embedding_std", torch.zeros(()))
+        self.register_buffer("eta_now", torch.zeros(()))
+        self.eta = eta
+
+    @property
+    def eta(self):
+        """Weight of the new batch in the running moments (a 0-d tensor; set it with a number)."""
+        return self.eta_now
+
+    @eta.setter
+    def eta(self, value):
+        if not torch.is_tensor(value) and not 0 < value <= 1:  # a tensor is taken as it is: no sync
+            raise ValueError(f"eta must be in (0, 1], got {value}")
+        self.eta_now.fill_(value)
 
     def extra_repr(self):
-        return f"dim={self.dim}, lam={self.lam}, eta={self.eta}, center={self.center}"
+        return f"dim={self.dim}, lam={self.lam}, center={self.center}"
+
+    def _apply(self, fn, recurse=True):
+        """.to(), .half(), .cuda(), ...: the buffers follow, except that they never go below float32
+        (running averages in bfloat16 would lose the small updates)."""
+        def keep_precision(t):
+            out = fn(t)
+            if out.is_floating_point() and torch.finfo(out.dtype).bits < 32:
+                return t.to(device=out.device, dtype=torch.float32)
+            return out
+        return super()._apply(keep_precision, recurse)
 
     def forward(self, u, v):
-        _check_pair(u, v)
-        if u.shape[1] != self.dim:
-            raise ValueError(f"embeddings have dim {u.shape[1]}, PEIRALoss was built for {self.dim}")
-        if not 0 < self.eta <= 1:
-            raise ValueError(f"eta must be in (0, 1], got {self.eta}")
+        self._check_dim(u, v)
         if self.training:
-            mu, mv = self._update(u, v)
+            mu, mv, finite = self._update(u, v, all_reduce=True)
         elif self.steps == 0:
             raise RuntimeError("PEIRALoss in eval mode has no running moments yet")
         else:
             mu, mv = u.detach().mean(0), v.detach().mean(0)
+            finite = torch.ones((), dtype=torch.bool, device=u.device)
         if self.center:
             u, v = u - mu.to(u.dtype), v - mv.to(v.dtype)
-        P, Q = optimal_regressor(self.N, self.S, self.lam)
-        return aux_loss(u, v, P, Q, self.lam)
+        loss = aux_loss_from_moments(u, v, self.N, self.S, self.lam)
+        return loss + torch.where(finite, 0.0, math.nan).to(loss.dtype)  # NaN on every rank
 
     @torch.no_grad()
-    def _update(self, u, v):
-        """Steps 1 and 2: the running moments take in this batch; returns its (global) means."""
-        sum_nn, sum_ss, sum_u, sum_v, n = self._global_sums(u.detach(), v.detach())
-        if not torch.isfinite(sum_nn).all():  # the one host sync of a step
-            self._raise_non_finite(u, v)
-        N, S = _moments_from_sums(sum_nn, sum_ss, sum_u, sum_v, n, self.center)
-        eta = torch.where(self.steps == 0, 1.0, self.eta).to(self.N.dtype)  # no host sync
-        self.N.lerp_(N.to(self.N.dtype), eta)
-        self.S.lerp_(S.to(self.S.dtype), eta)
-        self.steps += 1
-        var = sum_nn.diagonal() / n - (sum_u / n) ** 2 - (sum_v / n) ** 2  # per-dim var u + var v
-        self.embedding_std.copy_((var / 2).clamp_min(0).sqrt().mean())
-        return (sum_u / n, sum_v / n)
+    def update(self, u, v, all_reduce=True):
+        """Steps 1 and 2 only: the running moments take in the batch (a monitor of another loss).
+        With all_reduce=False each rank keeps the moments of its own batches; as they are linear in
+        the batch moments, all_reduce_moments() at logging time gives those of the global batches
+        (center=False, equal local batch sizes), saving a k² all-reduce per step."""
+        self._check_dim(u, v)
+        if self.center and not all_reduce:
+            raise ValueError("update(all_reduce=False) needs center=False: centering is not linear")
+        self._update(u, v, all_reduce)
 
-    def _global_sums(self, u, v):
-        """Moment sums over the global batch, and its size: one all_reduce when distributed."""
-        sums = _moment_sums(u, v)
-        flat = torch.cat([s.flatten() for s in sums] + [sums[2].new_tensor([u.shape[0]])])
+    @torch.no_grad()
+    def all_reduce_moments(self):
+        """Average N and S over the ranks (after update(..., all_reduce=False))."""
         if dist.is_available() and dist.is_initialized():
+            flat = _pack_symmetric(self.N, self.S)
             dist.all_reduce(flat)
-        k = self.dim
-        sum_nn, sum_ss = flat[:k * k].view(k, k), flat[k * k:2 * k * k].view(k, k)
-        sum_u, sum_v, n = flat[2 * k * k:2 * k * k + k], flat[2 * k * k + k:-1], flat[-1]
-        return sum_nn, sum_ss, sum_u, sum_v, n
+            N, S = _unpack_symmetric(flat / dist.get_world_size(), self.dim)
+            self.N.copy_(N)
+            self.S.copy_(S)
 
-    def _raise_non_finite(self, u, v):
-        bad = [f"{name} has {int((~torch.isfinite(t)).sum())} non-finite of {t.numel()} entries"
-               for name, t in (("u", u), ("v", v)) if not torch.isfinite(t).all()]
-        where = "; ".join(bad) if bad else "the embeddings of another rank are non-finite"
-        raise FloatingPointError(f"PEIRALoss step {int(self.steps)}: {where}")
+    def _check_dim(self, u, v):
+        _check_pair(u, v)
+        if u.shape[1] != self.dim:
+            raise ValueError(f"embeddings have dim {u.shape[1]}, PEIRALoss was built for {self.dim}")
+
+    @torch.no_grad()
+    def _update(self, u, v, all_reduce):
+        """The running moments take in this batch unless it holds a non-finite value (on any rank);
+        returns the batch's (global) means and whether it was finite, without a host sync."""
+        sum_nn, sum_ss, sum_u, sum_v, n = self._sums(u.detach(), v.detach(), all_reduce)
+        finite = torch.isfinite(sum_nn).all() & torch.isfinite(sum_ss).all()
+        N, S = _moments_from_sums(sum_nn, sum_ss, sum_u, sum_v, n, self.center)
+        eta = torch.where(self.steps == 0, 1.0, self.eta_now).to(self.N.dtype)
+        self.N.copy_(torch.where(finite, self.N.lerp(N.to(self.N.dtype), eta), self.N))
+        self.S.copy_(torch.where(finite, self.S.lerp(S.to(self.S.dtype), eta), self.S))
+        self.steps += finite.long()
+        self.non_finite_steps += (~finite).long()
+        var = sum_nn.diagonal() / n - (sum_u / n) ** 2 - (sum_v / n) ** 2  # per-dim var u + var v
+        std = (var / 2).clamp_min(0).sqrt().mean()
+        self.embedding_std.copy_(torch.where(finite, std.to(self.embedding_std.dtype), self.embedding_std))
+        return sum_u / n, sum_v / n, finite
+
+    def _sums(self, u, v, all_reduce):
+        """Moment sums over the batch and its size; the global batch's when distributed (one
+        all_reduce of one triangle of each symmetric sum)."""
+        sum_nn, sum_ss, sum_u, sum_v = _moment_sums(u, v)
+        n = sum_u.new_tensor(u.shape[0])
+        if all_reduce and dist.is_available() and dist.is_initialized():
+            flat = torch.cat([_pack_symmetric(sum_nn, sum_ss), sum_u, sum_v, n[None]])
+            dist.all_reduce(flat)
+            k = self.dim
+            sum_nn, sum_ss = _unpack_symmetric(flat[:k * k + k], k)
+            sum_u, sum_v, n = flat[k * k + k:k * k + 2 * k], flat[k * k + 2 * k:-1], flat[-1]
+        return sum_nn, sum_ss, sum_u, sum_v, n
 
     @property
     def P(self):
@@ -239,8 +319,8 @@ class PEIRALoss(nn.Module):
         """Diagnostics for logging: objective, Tr P, effective rank of N, alignment ⟨P, S⟩, the
         median of the positive canonical correlations of the embeddings (on the span of N) and the
         fraction of the k dimensions whose correlation exceeds λ² (the directions PEIRA keeps at its
-        optimum), the mean
-        per-dimension std of the last batch's embeddings, current eta."""
+        optimum), the mean per-dimension std of the last batch's embeddings, current eta, and the
+        number of batches skipped for non-finite values."""
         P = self.P
         corr = canonical_correlations(self.N, self.S)
         positive = corr[corr > 0]  # an anti-correlated direction is never kept
@@ -252,8 +332,22 @@ class PEIRALoss(nn.Module):
             "median_corr": positive.median().item() if len(positive) else math.nan,
             "kept": (corr > self.lam ** 2).double().sum().item() / self.dim,
             "embedding_std": self.embedding_std.item(),
-            "eta": self.eta,
+            "eta": self.eta_now.item(),
+            "non_finite_steps": int(self.non_finite_steps),
         }
+
+
+def _pack_symmetric(N, S):
+    """The k² + k numbers that hold two symmetric k×k matrices: N's upper triangle and S's strict
+    lower one in one matrix, then S's diagonal."""
+    return torch.cat([(N.triu() + S.tril(-1)).flatten(), S.diagonal()])
+
+
+def _unpack_symmetric(flat, k):
+    """(N, S) from _pack_symmetric's k² + k numbers."""
+    packed, diag = flat[:k * k].view(k, k), flat[k * k:]
+    upper, lower = packed.triu(), packed.tril(-1)
+    return upper + upper.triu(1).T, lower + lower.T + torch.diag(diag)
 
 
 # -----------------------------------------------------------------------------

@@ -127,6 +127,89 @@ def test_aux_loss_has_the_gradient_of_the_objective(k, lam, center):
     torch.testing.assert_close(grad_aux[0], closed, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("k,lam", [(1, 0.3), (5, 0.05), (16, 0.7)])
+def test_aux_loss_from_moments_equals_the_explicit_formula(k, lam):
+    """The training path (one Cholesky factor, solves) against aux_loss with P and Q formed, in
+    float64 (value and gradient) and in float32 under bf16 autocast."""
+    u, v = random_pair(40, k, seed=k)
+    N, S = peira.moments(u, v)
+    N, S = N + 0.1 * torch.eye(k, dtype=F64), S * 0.9  # moments of other batches (running ones)
+    P, Q = peira.optimal_regressor(N, S, lam)
+    u.requires_grad_(True); v.requires_grad_(True)
+    explicit = peira.aux_loss(u, v, P, Q, lam)
+    solved = peira.aux_loss_from_moments(u, v, N, S, lam)
+    torch.testing.assert_close(solved, explicit, rtol=1e-12, atol=1e-12)
+    grads = zip(torch.autograd.grad(solved, (u, v)), torch.autograd.grad(explicit, (u, v)))
+    for g_solved, g_explicit in grads:
+        torch.testing.assert_close(g_solved, g_explicit, rtol=1e-10, atol=1e-12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ub, vb = u.float() @ torch.eye(k), v.float() @ torch.eye(k)  # bf16 under autocast
+        loss = peira.aux_loss_from_moments(ub, vb, N.float(), S.float(), lam)
+    assert loss.dtype == torch.float32
+    ref = peira.aux_loss(ub.double(), vb.double(), P, Q, lam)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    grad_bf16, grad_ref = torch.autograd.grad(loss, ub)[0], torch.autograd.grad(ref, ub)[0]
+    torch.testing.assert_close(grad_bf16.double(), grad_ref.double(), rtol=1e-2, atol=1e-4)  # bf16 grads
+
+
+def test_peira_loss_step_has_no_host_sync(monkeypatch):
+    """A training step of PEIRALoss never reads a tensor's value on the host (.item(), bool(),
+    float(), ...), which on a GPU would stall the step: every conversion of a tensor to a Python
+    value raises here. On CUDA the same is checked with torch.cuda.set_sync_debug_mode."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("host sync in the training step")
+    peira_loss = peira.PEIRALoss(6, lam=0.3, eta=0.6)
+    u, v = (torch.randn(16, 6, requires_grad=True) for _ in range(2))
+    with monkeypatch.context() as patch:
+        for name in ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy"):
+            patch.setattr(torch.Tensor, name, refuse)
+        for step in range(3):
+            peira_loss.eta = 0.8 - 0.1 * step
+            peira_loss(u, v).backward()
+            peira_loss.update(u.detach(), v.detach(), all_reduce=False)
+    assert peira_loss.steps.item() == 6  # and the test itself can see a value again
+    if torch.cuda.is_available():
+        cuda_loss = peira.PEIRALoss(6, lam=0.3).cuda()
+        x, y = u.detach().cuda(), v.detach().cuda()
+        cuda_loss(x, y)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            cuda_loss.eta = 0.7
+            cuda_loss(x.requires_grad_(), y).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def test_peira_loss_compiles_once_with_eta_changing_every_step():
+    """η is a buffer: torch.compile does not specialise on it (a Python float attribute would
+    recompile the step, or break the graph, every time η changes)."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    peira_loss = peira.PEIRALoss(4, lam=0.3, eta=0.8)
+    step = torch.compile(lambda u, v: peira_loss(u, v), backend="eager", fullgraph=False)
+    u, v = random_pair(16, 4, seed=3)
+    reference = peira.PEIRALoss(4, lam=0.3, eta=0.8)
+    for i in range(4):
+        peira_loss.eta = reference.eta = 0.8 - 0.1 * i
+        torch.testing.assert_close(step(u.float(), v.float()), reference(u.float(), v.float()))
+    torch.testing.assert_close(peira_loss.N, reference.N)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
+def test_running_moments_stay_float32_whatever_dtype_the_module_gets():
+    peira_loss = peira.PEIRALoss(4, lam=0.3).to(torch.bfloat16)
+    assert peira_loss.N.dtype == peira_loss.S.dtype == peira_loss.eta.dtype == torch.float32
+    assert peira_loss.steps.dtype == torch.long
+    u, v = random_pair(64, 4, seed=2)
+    loss = peira_loss(u.bfloat16(), v.bfloat16())
+    assert loss.dtype == torch.float32 and peira_loss.N.dtype == torch.float32
+    torch.testing.assert_close(peira_loss.N, peira.moments(u.bfloat16().float(), v.bfloat16().float())[0])
+    assert peira_loss.half().N.dtype == torch.float32 and peira_loss.double().N.dtype == F64
+
+
 def test_low_precision_inputs_are_computed_in_float32():
     u, v = random_pair(64, 6, seed=1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -369,6 +452,17 @@ def make_problem(center):
     return model, peira.PEIRALoss(3, lam=0.3, eta=0.6, center=center).double(), batches
 
 
+def monitor_moments(batches):
+    """N, S of a monitor fed with update(all_reduce=False) at η 0.6 then 0.3, averaged over the ranks
+    at the end (linear in the batch moments: those of the global batches)."""
+    monitor = peira.PEIRALoss(5, lam=0.3, eta=0.6).double()
+    for eta, (x, y) in zip((0.6, 0.3), batches):
+        monitor.eta = eta
+        monitor.update(x, y, all_reduce=False)
+    monitor.all_reduce_moments()
+    return monitor.N, monitor.S
+
+
 def _distributed_worker(rank, world, port, folder):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -379,6 +473,7 @@ def _distributed_worker(rank, world, port, folder):
         ddp = nn.parallel.DistributedDataParallel(model)
         local = [(x.chunk(world)[rank], y.chunk(world)[rank]) for x, y in batches]
         results[center] = train_steps(ddp, peira_loss, local)
+    results["monitor"] = monitor_moments(local)  # the last problem's batches
     torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -406,6 +501,10 @@ def test_two_processes_match_one_process_on_the_concatenated_batch():
             # each rank returns the loss of its half; their mean is the loss of the whole batch
             mean_loss = (ranks[0][center][step]["loss"] + ranks[1][center][step]["loss"]) / 2
             torch.testing.assert_close(mean_loss, ref["loss"], rtol=1e-12, atol=1e-12)
+    single = monitor_moments(make_problem(True)[2])  # one process on the whole batches
+    for got, other, ref in zip(ranks[0]["monitor"], ranks[1]["monitor"], single):
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+        assert torch.equal(got, other)
 
 
 # -----------------------------------------------------------------------------
@@ -431,14 +530,18 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="dim 3"):
         peira.PEIRALoss(4)(u, v)
     with pytest.raises(ValueError, match="eta"):
-        peira.PEIRALoss(3, eta=1.5)(u, v)
+        peira.PEIRALoss(3, eta=1.5)
     peira_loss = peira.PEIRALoss(3).double()
+    with pytest.raises(ValueError, match="eta"):
+        peira_loss.eta = 0.0
     peira_loss(u, v)
+    N_before = peira_loss.N.clone()
     bad = v.clone()
     bad[2, 1] = float("nan")
-    with pytest.raises(FloatingPointError, match=r"step 1: v has 1 non-finite"):
-        peira_loss(u, bad)
-    assert peira_loss.steps.item() == 1 and torch.isfinite(peira_loss.N).all()  # nothing was updated
+    # a non-finite batch (no host sync to raise): NaN loss, the moments untouched, the step counted
+    assert torch.isnan(peira_loss(u, bad)) and torch.isnan(peira_loss(u, -bad))
+    assert torch.equal(peira_loss.N, N_before) and peira_loss.steps.item() == 1
+    assert peira_loss.stats()["non_finite_steps"] == 2
     with pytest.raises(RuntimeError, match="no running moments"):
         peira.PEIRALoss(3).eval()(u.float(), v.float())
     J = random_joint(3, 3, seed=0)
@@ -565,6 +668,7 @@ def tiny_ssl_run(loss, batches, accum=1, world=1, rank=0, clip=0.5):
         local = [t.chunk(world)[rank] for t in batch]
         tc.train_step(ddp or model, ddp, model, probe, peira_loss, opts, local, loss, 0.3, 0.6 - 0.1 * step,
                       accum, clip, world, nullcontext())
+    peira_loss.all_reduce_moments()  # the monitor of the other losses keeps each rank's moments
     return {"model": [p.detach().clone() for p in model.parameters()],
             "probe": [p.detach().clone() for p in probe.parameters()], "N": peira_loss.N.clone()}
 

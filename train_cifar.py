@@ -226,7 +226,8 @@ def train_step(forward, ddp, model, probe, peira_loss, opts, batch, loss_name, l
     buffers restored after the first pass). PEIRA: each
     micro-batch is a PEIRA step with η_micro = 1 − (1 − η)^(1/a), so the running moments decay
     over the optimiser step as with the whole batch (an approximation: P, Q change between
-    micro-batches). The PEIRA monitor sees every loss's embeddings. Returns the loss value (the
+    micro-batches). The PEIRA monitor takes in every other loss's embeddings (moments only, each
+    rank its own: all_reduce_moments() before reading it). Returns the loss value (the
     mean over the ranks: a non-finite loss on one rank stops every rank at the same step, before
     the probe's all-reduce) and the last micro-batch's embeddings of view 1 (detached)."""
     x1, x2, y = batch
@@ -249,8 +250,7 @@ def train_step(forward, ddp, model, probe, peira_loss, opts, batch, loss_name, l
         loss = ssl_loss(loss_name, z1, z2, None, None, peira_loss, lam, world)
         g1, g2 = (g.split([len(o[1]) for o in outs]) for g in torch.autograd.grad(loss, (z1, z2)))
         peira_loss.eta = eta
-        with torch.no_grad():
-            peira_loss(z1.detach(), z2.detach())
+        peira_loss.update(z1.detach(), z2.detach(), all_reduce=False)  # the monitor: moments only
         total = loss.detach()
     for j, s in enumerate(parts):
         sync = ddp.no_sync() if ddp is not None and j < accum - 1 else nullcontext()
@@ -263,9 +263,8 @@ def train_step(forward, ddp, model, probe, peira_loss, opts, batch, loss_name, l
                 peira_loss.eta = eta_micro
                 loss = ssl_loss(loss_name, z1, z2, p1, p2, peira_loss, lam, world)
                 total = total + loss.detach() / accum
-                if loss_name != "peira":
-                    with torch.no_grad():
-                        peira_loss(z1.detach().float(), z2.detach().float())
+                if loss_name != "peira":  # the monitor: moments only, all-reduced at logging time
+                    peira_loss.update(z1.detach(), z2.detach(), all_reduce=False)
         (loss * (1.0 if two_pass else 1.0 / accum) + probe_loss / accum).backward()
     total = torch.as_tensor(total, dtype=torch.float32, device=z1.device).reshape(1)
     if world > 1:  # every rank sees the same value, so all stop or all go on to the collectives below
@@ -931,7 +930,7 @@ def main(argv=None):
                 if master:
                     bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{seen / (time.time() - t0):.0f}")
                     metrics.write(json.dumps({"step": step, "epoch": epoch + 1, "loss": loss_value, "lr": lr,
-                                              "eta": peira_loss.eta}) + "\n")
+                                              "eta": eta}) + "\n")
             epoch_time = time.time() - t0
 
             # evaluation: kNN on clean images, the online probe fit on them, PEIRA diagnostics
@@ -943,6 +942,7 @@ def main(argv=None):
                              args.seed * 100_003 + epoch)
             with torch.no_grad():
                 probe_acc = (probe(test_feat).argmax(1) == test_labels).float().mean().item()
+            peira_loss.all_reduce_moments()  # the monitor of the other losses: each rank's moments
             stats = peira_loss.stats()
             std = embedding_spread(z)  # the last batch's embeddings of view 1
             record = {"epoch": epoch + 1, "knn": knn, "online_probe": probe_acc, "loss": loss_value,
