@@ -1129,6 +1129,161 @@ def test_cifar_views_do_not_depend_on_the_number_of_loader_workers():
     assert not torch.equal(a[0], views(2, 0)[0])
 
 
+# -----------------------------------------------------------------------------
+# train_cifar.py's batched augmentation against torchvision's per-image transforms
+
+def smooth_images(n, seed, size=32):
+    """uint8 images with an image's smoothness (8×8 noise upsampled), and a float copy in [0, 1]."""
+    x = F.interpolate(torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed)), size=size,
+                      mode="bilinear", align_corners=False)
+    x = (x * 255).round().to(torch.uint8)
+    return x, x.float() / 255
+
+
+@pytest.mark.parametrize("name", ["brightness", "contrast", "saturation", "hue", "grayscale", "solarize"])
+def test_batched_colour_operations_match_torchvision(name):
+    """Each colour operation of the batched pipeline, with per-image factors, against
+    torchvision.transforms.v2.functional image by image, to 1e-5; grey and saturated pixels included."""
+    TF = torchvision.transforms.v2.functional
+    _, x = smooth_images(24, seed=1)
+    x[:6] = x[:6, :1]  # grey images: hue undefined
+    x[6:12] = (x[6:12] * 3).round() / 3  # ties between channels, 0 and 1
+    g = torch.Generator().manual_seed(2)
+    f = torch.rand(24, generator=g) * 1.6 + 0.2
+    on = torch.ones(24, dtype=torch.bool)
+    if name in ("brightness", "contrast", "saturation"):
+        op = ("brightness", "contrast", "saturation").index(name)
+        order = torch.tensor([op, 0, 0, 0]).expand(24, 4).clone()
+        order[:, 1:] = torch.tensor([i for i in range(4) if i != op])
+        factors = torch.ones(24, 4)
+        factors[:, op], factors[:, 3] = f, 0.0
+        ours = tc.color_jitter(x, on, order, factors)
+        ref = [getattr(TF, f"adjust_{name}")(im, float(fi)) for im, fi in zip(x, f)]
+    elif name == "hue":
+        shift = (f - 0.2) / 1.6 - 0.5  # [-0.5, 0.5]
+        ours = tc.adjust_hue(x, shift)
+        ref = [TF.adjust_hue(im, float(s)) for im, s in zip(x, shift)]
+    elif name == "grayscale":
+        ours = tc._gray(x).expand_as(x)
+        ref = [TF.rgb_to_grayscale(im, num_output_channels=3) for im in x]
+    else:
+        params = {"solarize": on, "grayscale": ~on}
+        ours = torch.where(params["solarize"].view(-1, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)
+        ref = [TF.solarize(im, 128 / 255) for im in x]
+    assert (ours - torch.stack(ref)).abs().max() <= 1e-5
+
+
+def ks_statistic(a, b):
+    """Two-sample Kolmogorov–Smirnov statistic sup |F_a − F_b| (right-continuous ECDFs: ties handled)."""
+    a, b = np.sort(np.asarray(a, float)), np.sort(np.asarray(b, float))
+    both = np.concatenate([a, b])
+    return float(np.abs(np.searchsorted(a, both, "right") / len(a) - np.searchsorted(b, both, "right") / len(b)).max())
+
+
+def test_batched_crop_boxes_follow_random_resized_crop():
+    """Area scale and log aspect ratio of 10,000 batched boxes against 10,000 of v2.RandomResizedCrop
+    (its own sampling): the KS statistic stays below the 1e-3-level critical value (0.0276), and the
+    test has the power to reject torchvision's default scale (0.08, 1)."""
+    n = 10_000
+    critical = math.sqrt(-0.5 * math.log(1e-3 / 2)) * math.sqrt(2 / n)
+    crop = torchvision.transforms.v2.RandomResizedCrop(32, scale=(0.2, 1.0), antialias=True)
+    blank = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        boxes = [crop.make_params([blank]) for _ in range(n)]
+    theirs = np.array([[b["height"], b["width"]] for b in boxes], float)
+
+    def features(h, w):
+        return {"scale": h * w / 1024, "log_ratio": np.log(w / h)}
+    theirs = features(theirs[:, 0], theirs[:, 1])
+    for scale, accept in (((0.2, 1.0), True), ((0.08, 1.0), False)):
+        top, left, h, w = tc.sample_crop_boxes(n, torch.Generator().manual_seed(10), scale=scale)
+        assert ((top >= 0) & (left >= 0) & (top + h <= 32) & (left + w <= 32)).all()
+        ours = features(h.numpy().astype(float), w.numpy().astype(float))
+        stat = ks_statistic(ours["scale"], theirs["scale"])
+        assert (stat < critical) == accept, (scale, stat, critical)
+        if accept:
+            assert ks_statistic(ours["log_ratio"], theirs["log_ratio"]) < critical
+
+
+def test_batched_views_match_torchvision_on_the_same_parameters():
+    """The whole batched pipeline against torchvision's functional operations image by image with the
+    same parameters (crop box, flip, jitter order and factors, grayscale, solarize), on floats: equal to
+    1e-5 on the [0, 1] scale, crop borders included."""
+    TF = torchvision.transforms.v2.functional
+    images, _ = smooth_images(96, seed=3)
+    p = tc.sample_view_params(96, torch.Generator().manual_seed(4))
+    assert p["jitter"].any() and p["grayscale"].any() and p["solarize"].any() and p["flip"].any()
+    jitter = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    ref = []
+    for k in range(96):
+        box = [int(p[key][k]) for key in ("top", "left", "height", "width")]
+        x = TF.resized_crop(images[k].float(), *box, [32, 32], antialias=True) / 255
+        x = TF.horizontal_flip(x) if p["flip"][k] else x
+        if p["jitter"][k]:
+            for op in p["jitter_order"][k].tolist():
+                x = jitter[op](x, float(p["factors"][k, op]))
+        x = TF.rgb_to_grayscale(x, num_output_channels=3) if p["grayscale"][k] else x
+        x = TF.solarize(x, 128 / 255) if p["solarize"][k] else x
+        ref.append(TF.normalize(x, list(tc.CIFAR_MEAN), list(tc.CIFAR_STD)))
+    ours = tc.augment_batch(images, p)
+    assert ours.dtype == torch.float32 and ours.shape == (96, 3, 32, 32)
+    std = torch.tensor(tc.CIFAR_STD).view(1, 3, 1, 1)
+    assert ((ours - torch.stack(ref)) * std).abs().max() <= 1e-5
+
+
+def test_batched_views_do_not_depend_on_the_number_of_ranks():
+    """Two ranks' batches of one epoch, concatenated, are one process's batches of the global batch; the
+    same (seed, epoch) gives the same views, another epoch other ones."""
+    images, _ = smooth_images(40, seed=5)
+    labels = torch.arange(40) % 10
+
+    def epoch(e, rank=0, world=1):
+        return list(tc.batched_epoch(images, labels, 3, e, 16, rank, world))
+    one, halves = epoch(1), [epoch(1, r, 2) for r in range(2)]
+    assert len(one) == 2 and all(len(b[0]) == 16 for b in one)
+    for step, batch in enumerate(one):
+        for part, whole in enumerate(batch):
+            torch.testing.assert_close(torch.cat([halves[0][step][part], halves[1][step][part]]), whole)
+    assert torch.equal(epoch(1)[0][0], one[0][0]) and not torch.equal(epoch(2)[0][0], one[0][0])
+
+
+def write_image_folder(root, images, labels, ext):
+    for split, rows in (("train", slice(0, 30)), ("test", slice(30, 40))):
+        for name in tc.CIFAR10_CLASSES:
+            os.makedirs(os.path.join(root, split, name))
+        for i in range(40)[rows]:
+            path = os.path.join(root, split, tc.CIFAR10_CLASSES[labels[i]], f"{i:04d}.{ext}")
+            (torchvision.io.write_png if ext == "png" else torchvision.io.write_jpeg)(images[i], path)
+
+
+def test_train_cifar_reads_an_image_folder(tmp_path):
+    """--data with train/<class>/ and test/<class>/ (PNG: the pixels as written; JPEG: as torchvision
+    decodes each file), labels in CIFAR-10's order, a class-mixed fixed order; clear errors for
+    a wrong layout or image."""
+    images, _ = smooth_images(40, seed=6)
+    labels = (torch.arange(40) % 10).tolist()
+    write_image_folder(str(tmp_path / "png"), images, labels, "png")
+    train_x, train_y, test_x, test_y = tc.load_splits(str(tmp_path / "png"), 0)
+    assert train_x.shape == (30, 3, 32, 32) and train_x.dtype == torch.uint8 and len(test_x) == 10
+    by_image = {images[i].numpy().tobytes(): labels[i] for i in range(40)}
+    assert all(by_image[x.numpy().tobytes()] == y for x, y in zip(torch.cat([train_x, test_x]),
+                                                                  torch.cat([train_y, test_y]).tolist()))
+    assert len(set(train_y[:10].tolist())) > 3  # not sorted by class
+    write_image_folder(str(tmp_path / "jpg"), images, labels, "jpg")
+    train_j = tc.load_splits(str(tmp_path / "jpg"), 0)[0]
+    files = [os.path.join(d, f) for d, _, names in os.walk(tmp_path / "jpg" / "train") for f in names]
+    decoded = {torchvision.io.decode_image(f).numpy().tobytes() for f in files}
+    assert len(files) == 30 and {x.numpy().tobytes() for x in train_j} == decoded
+    assert torch.equal(tc.load_splits(str(tmp_path / "jpg"), 20)[0], train_j[:20])
+    os.rename(tmp_path / "jpg" / "test" / "cat", tmp_path / "jpg" / "test" / "kitten")
+    with pytest.raises(SystemExit, match="one folder per CIFAR-10 class.*kitten"):
+        tc.load_splits(str(tmp_path / "jpg"), 0)
+    (tmp_path / "png" / "train" / "cat" / "0003.png").write_bytes(b"not an image")
+    with pytest.raises(SystemExit, match="0003.png is not a readable image"):
+        tc.load_splits(str(tmp_path / "png"), 0)
+
+
 def test_train_cifar_two_processes(fake_cifar, tmp_path):
     """torchrun, gloo: the script itself checks at every epoch that both ranks hold identical
     weights, online probe and running moments (it stops otherwise)."""

@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.nn.functional import all_gather as all_gather_with_grad
+from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 from tqdm import tqdm
 
@@ -46,7 +47,8 @@ parser = argparse.ArgumentParser(description="PEIRA on CIFAR-10",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 RECIPE = "default: the --loss recipe"
 parser.add_argument("--data", default="./data",
-                    help="folder holding cifar-10-batches-py (downloaded if missing)")
+                    help="folder holding cifar-10-batches-py (downloaded if missing), or train/ and test/ "
+                         "with one folder of .jpg/.png images per class")
 parser.add_argument("--out", default="out/cifar", help="output folder: config, metrics, checkpoint, figure")
 parser.add_argument("--loss", default="peira", choices=["peira", "peira_direct", "simsiam", "vicreg"])
 parser.add_argument("--epochs", type=int, default=1000)
@@ -62,8 +64,11 @@ parser.add_argument("--eta-start", type=float, default=0.8, help="running-moment
 parser.add_argument("--eta-end", type=float, default=0.5, help="η at the last step (linear anneal)")
 parser.add_argument("--proj", help="projector widths, last = embedding dim k; " + RECIPE)
 parser.add_argument("--width", type=int, default=64, help="ResNet-18 base width")
+parser.add_argument("--augment", default="batched", choices=["batched", "per-image"],
+                    help="views augmented as whole batches on the training device, or image by image by "
+                         "torchvision in DataLoader workers (the same distributions)")
 parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                    help="data-loading workers per rank")
+                    help="data-loading workers per rank (--augment per-image)")
 parser.add_argument("--subset", type=int, default=0, help="use the first N train / N//2 test images (0: all)")
 parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
                     help="bf16 autocast (moments and solves stay in float32)")
@@ -100,6 +105,7 @@ COLLAPSE_STD = 0.1               # warn when √k · std of the normalised embed
 KEPT_WARN = 0.2                  # warn when PEIRA keeps fewer directions (correlation > λ²) than this share
 VICREG_COEFFS = (25.0, 25.0, 1.0)  # invariance, variance, covariance (official VICReg)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 # =============================================================================
@@ -459,7 +465,8 @@ def setting_problems(args):
 
 
 # -----------------------------------------------------------------------------
-# data: CIFAR-10 from torchvision's on-disk format, two augmented views per image
+# data: CIFAR-10 decoded once into uint8 tensors (torchvision's on-disk format or an image folder),
+# two augmented views of each image, augmented as whole batches on the training device
 
 def download_cifar(root):
     """torchvision's download of cifar-10-python.tar.gz (170 MB) into root (tests replace it)."""
@@ -507,11 +514,44 @@ def load_cifar(root, train):
     return torch.from_numpy(np.concatenate(images)), torch.tensor(labels)
 
 
+def load_image_folder(root, split):
+    """uint8 images (N, 3, 32, 32) and labels from root/split/<class>/*.{jpg,jpeg,png}, the ten
+    CIFAR-10 class folders (labels in torchvision's order), in a fixed shuffled order (seed 0), so
+    that --subset takes every class; exits with one clear message on a wrong layout or image."""
+    folder = os.path.join(root, split)
+    found = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    if found != sorted(CIFAR10_CLASSES):
+        sys.exit(f"{folder} must hold one folder per CIFAR-10 class ({', '.join(CIFAR10_CLASSES)}); "
+                 f"found {', '.join(found) or 'none'}")
+    images, labels = [], []
+    for label, name in enumerate(CIFAR10_CLASSES):
+        files = sorted(f for f in os.listdir(os.path.join(folder, name))
+                       if f.lower().endswith((".jpg", ".jpeg", ".png")))
+        if not files:
+            sys.exit(f"{os.path.join(folder, name)} holds no .jpg, .jpeg or .png image")
+        for f in files:
+            path = os.path.join(folder, name, f)
+            try:
+                img = decode_image(read_file(path), mode=ImageReadMode.RGB)
+            except Exception as e:
+                sys.exit(f"{path} is not a readable image ({type(e).__name__}: {e})")
+            if img.shape != (3, 32, 32):
+                sys.exit(f"{path} is {img.shape[2]}×{img.shape[1]} pixels; CIFAR-10 images are 32×32")
+            images.append(img)
+        labels += [label] * len(files)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    return torch.stack(images)[order], torch.tensor(labels)[order]
+
+
 def load_splits(root, subset, rank=0, world=1):
-    """Train and test images (N, 3, 32, 32) and labels; the first `subset` train and subset // 2
-    test images when subset > 0."""
-    ensure_cifar(root, rank, world)
-    (train_x, train_y), (test_x, test_y) = load_cifar(root, True), load_cifar(root, False)
+    """Train and test images (N, 3, 32, 32, uint8) and labels: from root/train and root/test when
+    they exist (image folders), else from torchvision's root/cifar-10-batches-py (downloaded when
+    missing). The first `subset` train and subset // 2 test images when subset > 0."""
+    if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
+        (train_x, train_y), (test_x, test_y) = load_image_folder(root, "train"), load_image_folder(root, "test")
+    else:
+        ensure_cifar(root, rank, world)
+        (train_x, train_y), (test_x, test_y) = load_cifar(root, True), load_cifar(root, False)
     if subset:
         return train_x[:subset], train_y[:subset], test_x[:subset // 2], test_y[:subset // 2]
     return train_x, train_y, test_x, test_y
@@ -562,6 +602,162 @@ def epoch_loader(dataset, epoch, local_batch, rank, world, workers, pin_memory):
         dataset, batch_size=local_batch, shuffle=sampler is None, sampler=sampler, drop_last=True,
         num_workers=workers, pin_memory=pin_memory, generator=gen, persistent_workers=False,
         prefetch_factor=4 if workers else None)
+
+
+# batched augmentation: the views of a whole batch at once on the training device, with per-sample
+# random parameters drawn as torchvision's v2 transforms of ssl_augment() draw them (same distributions,
+# same order of operations; crops, flips and colour ops on floats, where the per-image pipeline rounds
+# to uint8 between operations)
+
+def sample_crop_boxes(n, gen, height=32, width=32, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop's boxes (top, left, h, w) for n images, vectorised: 10 trials of area ~
+    U(scale)·H·W and log-uniform aspect ratio w/h, the first with 0 < w ≤ W and 0 < h ≤ H kept (all 10
+    drawn), else the central crop clipped to the ratio range, as torchvision's make_params."""
+    dev = gen.device
+    area_frac = (torch.rand(n, 10, generator=gen, device=dev) * (scale[1] - scale[0]) + scale[0]).double()
+    log_r = torch.rand(n, 10, generator=gen, device=dev) * (math.log(ratio[1]) - math.log(ratio[0]))
+    aspect = (log_r + math.log(ratio[0])).exp().double()  # float32 exp as torchvision, then float64
+    w = (area_frac * height * width * aspect).sqrt().round().long()
+    h = (area_frac * height * width / aspect).sqrt().round().long()
+    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = valid.long().argmax(1, keepdim=True)  # the first valid trial
+    w, h, ok = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], valid.any(1)
+    if width / height < min(ratio):
+        fw, fh = width, int(round(width / min(ratio)))
+    elif width / height > max(ratio):
+        fw, fh = int(round(height * max(ratio))), height
+    else:
+        fw, fh = width, height
+    w, h = torch.where(ok, w, fw), torch.where(ok, h, fh)
+    top = (torch.rand(n, generator=gen, device=dev).double() * (height - h + 1)).floor().long()
+    left = (torch.rand(n, generator=gen, device=dev).double() * (width - w + 1)).floor().long()
+    top = torch.where(ok, torch.minimum(top, height - h), (height - fh) // 2)
+    left = torch.where(ok, torch.minimum(left, width - w), (width - fw) // 2)
+    return top, left, h, w
+
+
+def sample_view_params(n, gen):
+    """Every random number of ssl_augment() for n views, from gen, on gen's device: crop box, flip,
+    colour jitter (applied with p 0.8; brightness, contrast in [0.6, 1.4], saturation in [0.8, 1.2],
+    hue in [−0.1, 0.1]; each view's own random order of the four), grayscale (p 0.2), solarize (p 0.1)."""
+    dev = gen.device
+
+    def uniform(lo, hi):
+        return torch.rand(n, generator=gen, device=dev) * (hi - lo) + lo
+
+    top, left, height, width = sample_crop_boxes(n, gen)
+    return {"top": top, "left": left, "height": height, "width": width,
+            "flip": torch.rand(n, generator=gen, device=dev) < 0.5,
+            "jitter": torch.rand(n, generator=gen, device=dev) < 0.8,
+            "factors": torch.stack([uniform(0.6, 1.4), uniform(0.6, 1.4), uniform(0.8, 1.2), uniform(-0.1, 0.1)], 1),
+            "jitter_order": torch.rand(n, 4, generator=gen, device=dev).argsort(1),
+            "grayscale": torch.rand(n, generator=gen, device=dev) < 0.2,
+            "solarize": torch.rand(n, generator=gen, device=dev) < 0.1}
+
+
+def _resize_taps(start, length, in_size, out_size, taps):
+    """Source indices and weights (n, out_size, taps) of torch's antialiased bilinear resize of the
+    window [start, start + length) of an axis to out_size, per sample (aten's upsample_bilinear2d_aa:
+    support max(scale, 1), triangle weights, normalised; plain bilinear when upsampling)."""
+    scale = (length.double() / out_size)[:, None, None]
+    support = scale.clamp(min=1.0)
+    centre = scale * (torch.arange(out_size, device=start.device, dtype=torch.float64)[None, :, None] + 0.5)
+    first = (centre - support + 0.5).trunc().clamp(min=0)
+    pos = first + torch.arange(taps, device=start.device, dtype=torch.float64)  # relative to the window
+    weights = (1 - ((pos + 0.5 - centre) / support).abs()).clamp(min=0) * (pos < length.double()[:, None, None])
+    weights = weights / weights.sum(2, keepdim=True)
+    return (pos.long() + start[:, None, None]).clamp(0, in_size - 1), weights.float()
+
+
+def resized_crop(x, top, left, height, width, size, flip):
+    """Per-sample crop of x (n, C, H, W) resized to size × size, mirrored where flip: equal to
+    v2.functional.resized_crop(antialias=True) image by image. Separable (rows, then columns), each
+    an index_select of a few taps per output pixel and a weighted sum: unlike roi_align or grid_sample
+    it never reads outside the crop, and unlike a matmul it stays exact under TF32 or autocast."""
+    n, c, H, W = x.shape
+    taps = math.ceil(2 * max(H / size, W / size, 1.0))  # 2 when upsampling
+    iy, wy = _resize_taps(top, height, H, size, taps)
+    ix, wx = _resize_taps(left, width, W, size, taps)
+    ix, wx = torch.where(flip.view(n, 1, 1), ix.flip(1), ix), torch.where(flip.view(n, 1, 1), wx.flip(1), wx)
+    plane = torch.arange(n * c, device=x.device).view(n, c, 1, 1)  # index of each (image, channel)
+    rows = x.reshape(n * c * H, W).index_select(0, (plane * H + iy[:, None]).view(-1)).view(n, c, size, taps, W)
+    rows = (rows * wy[:, None, :, :, None]).sum(3)  # (n, c, size, W)
+    cols = rows.transpose(2, 3).reshape(n * c * W, size).index_select(0, (plane * W + ix[:, None]).view(-1))
+    cols = (cols.view(n, c, size, taps, size) * wx[:, None, :, :, None]).sum(3)  # (n, c, x, y)
+    return cols.transpose(2, 3).contiguous()
+
+
+def _gray(x):
+    """ITU-R 601 luma (n, 1, H, W), torchvision's weights."""
+    r, g, b = x.unbind(1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def _blend(x, other, ratio):
+    """ratio·x + (1 − ratio)·other, clamped to [0, 1] (torchvision's _blend on floats)."""
+    return (ratio * x + (1 - ratio) * other).clamp(0, 1)
+
+
+def adjust_hue(x, shift):
+    """v2.functional.adjust_hue per image (shift (n,), in turns): the hue h ∈ [0, 6) of each pixel
+    moves by 6·shift, max and min channel kept; written in sextants instead of the RGB → HSV → RGB
+    round trip (the same to ~1e-6, fewer tensor operations)."""
+    r, g, b = x.unbind(1)
+    mn, mx = torch.aminmax(x, dim=1)
+    d = mx - mn
+    h6 = torch.where(mx == r, g - b, torch.where(mx == g, b - r + 2 * d, r - g + 4 * d))
+    h6 = (h6 / torch.where(d == 0, 1.0, d) + 6 * shift.view(-1, 1, 1)).remainder(6.0)
+    out = [mx - d * torch.minimum(k, 4 - k).clamp(0, 1) for k in ((h6 + o).remainder(6.0) for o in (5, 3, 1))]
+    return torch.stack(out, 1)
+
+
+def color_jitter(x, on, order, factors):
+    """ColorJitter(0.4, 0.4, 0.2, 0.1) per sample where on: in round r each view gets the operation
+    order[:, r] names (0 brightness, 1 contrast, 2 saturation, 3 hue) with its factor. The three blends
+    share one evaluation per round (with black, the image's mean grey, its grey image); hue is computed
+    for the views that need it (on a GPU for all, then selected: no data-dependent shape, no sync)."""
+    on = on.view(-1, 1, 1, 1)
+    for r in range(4):
+        op = order[:, r].view(-1, 1, 1, 1)
+        gray = _gray(x)
+        target = torch.where(op == 2, gray, gray.mean((1, 2, 3), keepdim=True)) * (op != 0)
+        blended = _blend(x, target, factors.gather(1, order[:, r:r + 1]).view(-1, 1, 1, 1))
+        x = torch.where(on & (op < 3), blended, x)
+        if x.device.type == "cpu":  # a fifth of the views: hue only where needed
+            idx = (on & (op == 3)).view(-1).nonzero().view(-1)
+            x[idx] = adjust_hue(x[idx], factors[idx, 3])
+        else:
+            x = torch.where(on & (op == 3), adjust_hue(x, factors[:, 3]), x)
+    return x
+
+
+def augment_batch(images, params):
+    """Normalised float32 views (n, 3, 32, 32) of uint8 images (n, 3, 32, 32) with sample_view_params'
+    parameters, in ssl_augment()'s order: crop and resize, flip, colour jitter, grayscale, solarize
+    (values ≥ 128/255: the uint8 pipeline's ≥ 128), normalise."""
+    p = params
+    x = resized_crop(images.float(), p["top"], p["left"], p["height"], p["width"], 32, p["flip"]) / 255
+    x = color_jitter(x, p["jitter"], p["jitter_order"], p["factors"])
+    x = torch.where(p["grayscale"].view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+    x = torch.where(p["solarize"].view(-1, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)
+    mean = torch.tensor(CIFAR_MEAN, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / torch.tensor(CIFAR_STD, device=x.device).view(1, 3, 1, 1)
+
+
+def batched_epoch(images, labels, seed, epoch, global_batch, rank, world):
+    """The batches (x1, x2, y) of one epoch for this rank, augmented on images' device. The order is a
+    permutation drawn from (seed, epoch) and the views of step i from (seed, epoch, i) for the whole
+    global batch, of which each rank takes its rows: the views are those of one process on the global
+    batch, whatever the number of ranks, and a resumed run continues exactly."""
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    local = global_batch // world
+    for i in range(len(images) // global_batch):
+        gen = torch.Generator(device=images.device).manual_seed((seed * 1_000_003 + epoch) * 100_003 + i)
+        views = [sample_view_params(global_batch, gen) for _ in range(2)]
+        rows = slice(rank * local, (rank + 1) * local)
+        idx = order[i * global_batch:(i + 1) * global_batch][rows].to(images.device)
+        x = images[idx]
+        yield tuple(augment_batch(x, {k: t[rows] for k, t in p.items()}) for p in views) + (labels[idx],)
 
 
 def normalize_clean(images, device):
@@ -873,12 +1069,13 @@ def main(argv=None):
 
     # data
     train_x, train_y, test_x, test_y = load_splits(args.data, args.subset, rank, world)
-    dataset = TwoViews(train_x, train_y, args.seed)
-    train_labels, test_labels = train_y.to(device), test_y.to(device)  # for kNN and the probe
+    train_labels, test_labels = train_y.to(device), test_y.to(device)  # for the views, kNN and the probe
+    train_images = train_x.to(device) if args.augment == "batched" else None  # one uint8 tensor, 150 MB
+    dataset = TwoViews(train_x, train_y, args.seed) if args.augment == "per-image" else None
     local_batch = args.batch_size // world
-    steps_per_epoch = len(dataset) // args.batch_size
+    steps_per_epoch = len(train_x) // args.batch_size
     if steps_per_epoch == 0:
-        parser.error(f"--batch-size {args.batch_size} is larger than the {len(dataset)} training images")
+        parser.error(f"--batch-size {args.batch_size} is larger than the {len(train_x)} training images")
     total_steps = args.epochs * steps_per_epoch
 
     # model, losses, optimisers
@@ -903,12 +1100,15 @@ def main(argv=None):
     last_epoch = min(args.epochs, start_epoch + args.stop_after) if args.stop_after else args.epochs
     with open(metrics_path, "a", buffering=1) if master else nullcontext() as metrics:
         for epoch in range(start_epoch, last_epoch):
-            # the epoch's order and augmentations are functions of (seed, epoch, rank, index): exact resume
+            # the epoch's order and augmentations are functions of (seed, epoch, step or index): exact resume
             torch.manual_seed(args.seed * 100_003 + epoch * 1009 + rank)
-            loader = epoch_loader(dataset, epoch, local_batch, rank, world, args.workers,
-                                  device.type == "cuda")
+            if args.augment == "batched":
+                batches = batched_epoch(train_images, train_labels, args.seed, epoch, args.batch_size, rank, world)
+            else:
+                batches = epoch_loader(dataset, epoch, local_batch, rank, world, args.workers, device.type == "cuda")
             t0, seen = time.time(), 0
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master, leave=False)
+            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", total=steps_per_epoch,
+                       disable=not master, leave=False)
             for i, batch in enumerate(bar):
                 # schedule: learning rate (warmup, cosine), η (linear anneal), clipping: functions of the step
                 step = epoch * steps_per_epoch + i
