@@ -15,15 +15,19 @@ best plan are rolled out in the model; a sequence costs the smallest latent dist
 the first action of the cheapest is taken. The row "true dynamics + planner, position cost" runs the
 same planner on the real dynamics with the wall-blind distance of positions, the ideal of a latent
 that encodes position: its success is the planner's ceiling, so a reader can tell planner from
-model. All episodes are planned as one batch. Writes --out/plan.json, --out/trajectories.png and
---out/distance_maps.png (each model's latent distance to one goal over the arena).
+model. All episodes are planned as one batch. Each row draws from its own generator, seeded from
+--seed and the row's name: a row's success and paths are the same planned alone or with others.
+Writes --out/plan.json, --out/trajectories.png and --out/distance_maps.png (each model's latent
+distance to one goal over the arena).
 """
 import argparse
 import glob
 import json
 import math
 import os
+import pickle
 import time
+import zlib
 
 import torch
 from tqdm import tqdm
@@ -204,23 +208,42 @@ def wilson(k, n, z=1.96):
     return max(centre - half, 0.0), min(centre + half, 1.0)
 
 
+def load_model(path):
+    """(label, world model, PEIRA's regressor or None) from a checkpoint of two_rooms.py; for any
+    other file (foreign, damaged, from an older two_rooms.py) a one-line error naming it."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        config = ckpt["config"]
+        model = tr.WorldModel(config["res"], config["latent"], config["predictor"])
+        model.load_state_dict(ckpt["model"])
+        label, regressor, render = config["label"], ckpt["regressor"], config.get("render", 1)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, KeyError, IndexError, TypeError,
+            ValueError, AttributeError) as err:
+        reason = (str(err).strip().splitlines() or [""])[0][:120]  # torch's messages run to paragraphs
+        if isinstance(err, pickle.UnpicklingError):  # torch's first line is about its defaults
+            reason = "not a torch.save file of tensors and plain values"
+        raise SystemExit(f"{path} is not a world model of this two_rooms.py ({type(err).__name__}: "
+                         f"{reason}); train one with `python two_rooms.py`") from None
+    if render != tr.RENDER_VERSION:  # its encoder never saw the images it would be given
+        raise SystemExit(f"{path} was trained on images rendered by an older two_rooms.py (version {render}, "
+                         f"now {tr.RENDER_VERSION}); train it again with `python two_rooms.py`")
+    return label, model.eval(), regressor
+
+
 def load_models(spec):
-    """{label: (world model, PEIRA's regressor or None)} from a folder of <model>.pt or a list of files."""
+    """{label: (world model, PEIRA's regressor or None)} from a folder of <model>.pt or a list of files.
+    Labels name the rows and seed their generators: two checkpoints with one label are refused."""
     paths = sorted(glob.glob(os.path.join(spec, "*.pt"))) if os.path.isdir(spec) else spec.split(",")
     paths = [path for path in paths if not os.path.basename(path).startswith("data_")]  # not the data cache
     if not paths or not all(os.path.isfile(path) for path in paths):
         raise SystemExit(f"no world models at {spec}: train them with `python two_rooms.py` first")
-    models = {}
+    models, sources = {}, {}
     for path in paths:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            config = ckpt["config"]
-            model = tr.WorldModel(config["res"], config["latent"], config["predictor"])
-            model.load_state_dict(ckpt["model"])
-        except (RuntimeError, KeyError, EOFError) as err:
-            raise SystemExit(f"{path} is not a world model of this two_rooms.py ({type(err).__name__}: "
-                             f"{err}); train it again with `python two_rooms.py`")
-        models[config["label"]] = (model.eval(), ckpt["regressor"])
+        label, model, regressor = load_model(path)
+        if label in sources:
+            raise SystemExit(f"{sources[label]} and {path} are both labelled {label}: plan them in separate "
+                             "runs, or train them with different --seed (the label carries it)")
+        models[label], sources[label] = (model, regressor), path
     return models
 
 
@@ -274,25 +297,42 @@ def distance_maps(models, goal, out):
     plt.close(fig)
 
 
+def row_generator(seed, row):
+    """A row's own random generator, seeded from (--seed, the row's name) by crc32 (stable across
+    runs, unlike hash()): no row's draws depend on which rows ran before it."""
+    return torch.Generator().manual_seed((seed % 2 ** 32) << 32 | zlib.crc32(row.encode()))
+
+
 def main(argv=None):
     args = parser.parse_args(argv)
-    if min(args.episodes, args.samples, args.segments, args.replan) < 1 or args.time_cost < 0:
-        parser.error("need --episodes, --samples, --segments, --replan ≥ 1 and --time-cost ≥ 0")
+    if min(args.horizon, args.episodes, args.samples, args.segments, args.replan) < 1:
+        parser.error("need --horizon, --episodes, --samples, --segments, --replan ≥ 1")
+    if not 0 <= args.time_cost < math.inf:  # nan fails too
+        parser.error(f"need a finite --time-cost ≥ 0, got {args.time_cost}")
     if not args.replan <= args.horizon:
         parser.error("need --replan ≤ --horizon")
     models = load_models(args.models)
+    if args.cost == "regressed":  # only PEIRA's checkpoints hold a regressor P
+        plain = [name for name, (_, regressor) in models.items() if regressor is None]
+        if len(plain) == len(models):
+            parser.error(f"--cost regressed needs a PEIRA model (its regressor P); {args.models} has none")
+        if plain:
+            print(f"warning: --cost regressed applies to PEIRA's models only; {', '.join(plain)} planned "
+                  "with ‖ẑ − z_goal‖")
     os.makedirs(args.out, exist_ok=True)
     starts, goals = tr.start_goal_pairs(args.episodes, args.seed)
 
-    # the policies: references first, then the planner on each model; one generator for all
-    gen = torch.Generator().manual_seed(args.seed)
+    # the policies: references first, then the planner on each model; each row its own generator
     field = DistanceField(starts, goals)
+    random_gen = row_generator(args.seed, "random")
     policies = {"oracle (shortest path)": lambda pos, episodes: oracle_action(field, pos, episodes),
-                "random": lambda pos, episodes: torch.randint(0, 4, (len(pos),), generator=gen)}
-    policies["true dynamics + planner, position cost"] = Planner(true_distances(goals), len(goals), args, gen)
+                "random": lambda pos, episodes: torch.randint(0, 4, (len(pos),), generator=random_gen)}
+    row = "true dynamics + planner, position cost"
+    policies[row] = Planner(true_distances(goals), len(goals), args, row_generator(args.seed, row))
     for name, (model, regressor) in models.items():
         distances = latent_distances(model, goals, regressor if args.cost == "regressed" else None)
-        policies[f"{name} + planner"] = Planner(distances, len(goals), args, gen)
+        row = f"{name} + planner"
+        policies[row] = Planner(distances, len(goals), args, row_generator(args.seed, row))
 
     # every policy on the same start/goal pairs
     rows, paths = [], {}

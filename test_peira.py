@@ -1474,7 +1474,8 @@ def test_two_rooms_dynamics_and_rendering():
     peak = obs[:, 0].flatten(1).argmax(1)
     assert (peak // 32).tolist() == [20, 6] and (peak % 32).tolist() == [10, 25]  # row from y, column from x
     walls = obs[0, 1]
-    assert walls[:, 16].sum() > 20 and walls[5, 16] == 0 and walls[20, 16] == 1  # wall column, door rows open
+    assert walls[:, 16].sum() > 20 and walls[5, 16] == 0  # wall column, door rows open
+    assert walls[20, 16] == 0.75  # the wall covers 1.5 of this pixel's 2 units (area-weighted)
     env = tr.TwoRooms(res=32)
     o, info = env.reset(seed=3)
     o2, reward, terminated, truncated, info2 = env.step(3)
@@ -1636,3 +1637,153 @@ def test_two_rooms_and_plan_end_to_end(tmp_path):
         plan.main(["--models", str(tmp_path), "--replan", "0"])
     for name in ("plan.json", "trajectories.png", "distance_maps.png"):
         assert (tmp_path / "plan" / name).exists()
+
+
+@pytest.mark.parametrize("res", [16, 64])
+def test_two_rooms_walls_are_drawn_by_the_area_they_cover(res):
+    """Channel 1 holds the share of each pixel that the border and the wall cover: its sums are areas
+    of the geometry, and the wall shows even where it is narrower than a pixel (0.75 px at 16 px)."""
+    pos = torch.tensor([[20.0, 41.0]])
+    obs = tr.render(pos, res)[0]
+    walls, scale = obs[1].double(), res / tr.ARENA                  # scale: pixels per arena unit
+    inner = tr.ARENA - 2 * tr.BORDER                                # the side inside the border
+    wall_area = 2 * tr.WALL_HALF * (inner - 2 * tr.DOOR_HALF)       # 3 × 48 units, door excluded
+    all_area = tr.ARENA ** 2 - inner ** 2 + wall_area               # border and wall
+    left, right = (tr.WALL_X - tr.WALL_HALF) * scale, (tr.WALL_X + tr.WALL_HALF) * scale   # in pixels
+    band = slice(math.floor(left), math.ceil(right))                # the columns the wall touches
+    rows = slice(round(tr.BORDER * scale), round((tr.ARENA - tr.BORDER) * scale))   # pixel-aligned here
+    assert walls[rows, band].sum().item() == pytest.approx(wall_area * scale ** 2, rel=1e-6)
+    assert walls.sum().item() == pytest.approx(all_area * scale ** 2, rel=1e-6)
+    row = walls[int(40 * scale), band]                              # a row below the door
+    assert row[0].item() == pytest.approx(math.ceil(left) - left) and row.min() > 0
+    assert row[-1].item() == pytest.approx(right - math.floor(right))
+    assert walls[int(tr.DOOR_Y * scale), band].abs().max() == 0     # the door's row is open
+    c = (torch.arange(res) + 0.5) / scale                           # the blob is unchanged: a Gaussian
+    sigma = tr.BLOB_SIGMA / scale
+    blob = torch.exp(-((c[:, None] - pos[0, 1]) ** 2 + (c[None] - pos[0, 0]) ** 2) / (2 * sigma ** 2))
+    assert torch.allclose(obs[0], blob, atol=1e-6)
+    # 20 px: pixels of 3.2 units straddle every edge of the border and the wall
+    assert tr.wall_image(20).sum().item() == pytest.approx(all_area * (20 / tr.ARENA) ** 2, rel=1e-6)
+
+
+def epps_pulley(x, t):
+    """N ∫ e^{−t²/2} |φ̂(t) − e^{−t²/2}|² dt for samples x (N,), by torch.trapezoid on the grid t,
+    with the empirical characteristic function φ̂ computed in complex numbers."""
+    ecf = torch.exp(1j * t[:, None] * x[None]).mean(1)
+    gaussian = torch.exp(-t ** 2 / 2)
+    return len(x) * torch.trapezoid(gaussian * (ecf - gaussian).abs() ** 2, t)
+
+
+# 2001 points over the whole of [−3, 3]; the 17 knots of LeWM's rule miss it by < 4e-4 (relative) on
+# Gaussian, skewed, scaled, shifted, uniform and bimodal samples (20 seeds each): 2e-3 leaves room
+FINE_T = torch.linspace(-3, 3, 2001, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("data", ["gaussian", "skewed"])
+def test_sigreg_is_the_epps_pulley_integral_over_minus_3_to_3(data):
+    """LeWM's SIGReg on frames (F, N, D) with fixed projections: the mean over frames and directions
+    of the Epps–Pulley statistic, against a fine numerical integral (the old rule gave half)."""
+    torch.manual_seed(0)
+    z = torch.randn(3, 256, 4, dtype=torch.float64)
+    z = z.exp() / 2 if data == "skewed" else z
+    directions = torch.randn(4, 8, dtype=torch.float64)
+    units = directions / directions.norm(dim=0)
+    expected = torch.stack([epps_pulley(frame @ u, FINE_T) for frame in z for u in units.T]).mean()
+    assert tr.sigreg(z, None, directions).item() == pytest.approx(expected.item(), rel=2e-3)
+
+
+def test_sigreg_draws_1024_directions_and_integrates_over_both_signs_of_t():
+    """One dimension: every unit direction is ±1, and the statistic is even in the sign, so the
+    random directions drawn by default give the integral exactly; LeWM draws 1024 a call."""
+    torch.manual_seed(0)
+    z = 1.3 * torch.randn(512, 1) + 0.2
+    expected = epps_pulley(z[:, 0].double(), FINE_T).item()
+    assert tr.sigreg(z, torch.Generator().manual_seed(0)).item() == pytest.approx(expected, rel=2e-3)
+    assert tr.SIGREG_DIRECTIONS == 1024
+
+
+@pytest.fixture(scope="module")
+def tiny_two_rooms(tmp_path_factory):
+    """PEIRA and LeWM world models, seed 0, trained 2 steps on 16 trajectories."""
+    out = tmp_path_factory.mktemp("two_rooms")
+    tr.main(["--out", str(out), "--losses", "peira,lewm", "--steps", "2", "--trajectories", "16", "--length",
+             "24", "--batch-size", "4", "--latent", "8"])
+    return out
+
+
+def test_plan_rows_are_the_same_planned_alone_or_with_others(tiny_two_rooms, tmp_path, monkeypatch):
+    monkeypatch.setattr(tr, "MAX_STEPS", 25)  # short episodes: a test's budget
+    paths = []
+    monkeypatch.setattr(plan, "figure", lambda *args: paths.append(args[0]))  # every row's paths
+    monkeypatch.setattr(plan, "distance_maps", lambda *args: None)
+    flags = ["--episodes", "3", "--samples", "8", "--horizon", "8", "--out", str(tmp_path)]
+    peira_path, lewm_path = tiny_two_rooms / "peira.pt", tiny_two_rooms / "lewm.pt"
+    alone = plan.main(["--models", str(peira_path), *flags])
+    together = plan.main(["--models", f"{lewm_path},{peira_path}", *flags])  # LeWM's row plans first
+    for method in ("random", "true dynamics + planner, position cost", "peira + planner"):
+        row_alone, = [row for row in alone if row["method"] == method]
+        row_together, = [row for row in together if row["method"] == method]
+        assert row_alone["success"] == row_together["success"], method
+        assert torch.equal(paths[0][method], paths[1][method]), method
+
+
+def test_two_rooms_seeds_share_a_folder_and_the_table_shows_each_objective(tiny_two_rooms, tmp_path, capsys):
+    """--seed 1 writes peira-seed1.pt beside seed 0's peira.pt; the table's loss is each model's own
+    objective (PEIRA's L_PEIRA, as logged, not its auxiliary loss)."""
+    out = tmp_path / "two_rooms"
+    out.mkdir()
+    for source in tiny_two_rooms.iterdir():
+        (out / source.name).write_bytes(source.read_bytes())
+    before = (out / "peira.pt").read_bytes()
+    tr.main(["--out", str(out), "--losses", "peira", "--seed", "1", "--steps", "2", "--trajectories", "16",
+             "--length", "24", "--batch-size", "4", "--latent", "8"])
+    assert (out / "peira-seed1.pt").exists() and (out / "peira.pt").read_bytes() == before
+    assert set(plan.load_models(str(out))) == {"peira", "lewm", "peira-seed1"}
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = [h for h in logged if h["model"] == "peira-seed1"][-1]
+    printed = capsys.readouterr().out
+    assert "| model | final training loss (own objective) |" in printed
+    assert f"| peira-seed1 | {last['objective']:.4f} |" in printed
+
+
+def test_plan_refuses_foreign_damaged_stale_and_duplicate_checkpoints_in_one_line(tiny_two_rooms, tmp_path):
+    good = tiny_two_rooms / "peira.pt"
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "truncated.pt").write_bytes(good.read_bytes()[:2000])
+    torch.save(nn.Linear(2, 2), tmp_path / "module.pt")          # a pickled module: weights_only refuses it
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    stale = torch.load(good, weights_only=True)
+    stale["config"].pop("render", None)                          # trained before the area-weighted walls
+    torch.save(stale, tmp_path / "stale.pt")
+    for name in ("junk.pt", "truncated.pt", "module.pt", "tensor.pt", "stale.pt"):
+        with pytest.raises(SystemExit) as exc:
+            plan.load_models(str(tmp_path / name))
+        message = str(exc.value)
+        assert message.startswith(str(tmp_path / name)) and "\n" not in message, name
+        assert len(message) < len(str(tmp_path)) + 250, name
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "peira.pt").write_bytes(good.read_bytes())  # same label, another folder
+    with pytest.raises(SystemExit, match="both labelled peira"):
+        plan.load_models(f"{good},{tmp_path / 'copy' / 'peira.pt'}")
+
+
+def test_plan_and_two_rooms_reject_nonsense_flags(tiny_two_rooms, tmp_path, capsys, monkeypatch):
+    empty = str(tmp_path)  # never reached: the parser refuses first
+    for bad in (["--horizon", "0"], ["--horizon", "-2"], ["--time-cost", "nan"], ["--time-cost", "inf"],
+                ["--samples", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            plan.main(["--models", empty, *bad])
+        assert exc.value.code == 2, bad  # a parser error
+    with pytest.raises(SystemExit) as exc:
+        tr.main(["--out", empty, "--horizon", "0", "--trajectories", "8", "--steps", "1"])
+    assert exc.value.code == 2
+    # --cost regressed: an error with no PEIRA model, a warning naming the models planned without P
+    flags = ["--cost", "regressed", "--episodes", "1", "--samples", "4", "--horizon", "4", "--out", empty]
+    with pytest.raises(SystemExit) as exc:
+        plan.main(["--models", str(tiny_two_rooms / "lewm.pt"), *flags])
+    assert exc.value.code == 2 and "needs a PEIRA model" in capsys.readouterr().err
+    monkeypatch.setattr(tr, "MAX_STEPS", 5)
+    monkeypatch.setattr(plan, "figure", lambda *args: None)
+    monkeypatch.setattr(plan, "distance_maps", lambda *args: None)
+    plan.main(["--models", f"{tiny_two_rooms / 'peira.pt'},{tiny_two_rooms / 'lewm.pt'}", *flags])
+    assert "warning: --cost regressed applies to PEIRA's models only; lewm planned" in capsys.readouterr().out

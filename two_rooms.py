@@ -1,14 +1,15 @@
 """Two Rooms: an environment, its offline data, and world models trained with PEIRA, PLDM or LeWM.
 
     python two_rooms.py                          # PEIRA, PLDM and LeWM world models, one after another
-    python two_rooms.py --losses peira --seed 1  # one objective, another training seed
+    python two_rooms.py --losses peira --seed 1  # one objective, another training seed: peira-seed1.pt
     python two_rooms.py --losses pldm --without var --out out/ablations  # PLDM without a term
     python two_rooms.py --no-door-data --out out/no_door   # data that never cross the door
     python two_rooms.py --res 64 --steps 8000    # PLDM's 64-px rendering (GPU)
     python plan.py                               # then plan with every model in --out
 
 A square arena (PLDM's 64-unit geometry: 4-unit border, a 3-unit vertical wall at x = 32 with one
-door at y = 10) holds a dot agent drawn as a Gaussian blob in channel 0, the walls in channel 1.
+door at y = 10) holds a dot agent drawn as a Gaussian blob in channel 0, the walls in channel 1 (the
+fraction of each pixel they cover: at 16 px the 3-unit wall is a column pair at 0.375).
 Actions: up, down, left, right, a fixed step; walls and the border block motion.
 
 Offline data: random-policy trajectories whose action persists with probability MOMENTUM; a
@@ -23,7 +24,8 @@ as PLDM does. --loss peira applies peira.PEIRALoss between U's predictions over 
 and V of the observed states; pldm and lewm add their regularisers to a prediction loss, with the
 same model, data and budget. Writes into --out: the cached data, <model>.pt (weights, config,
 PEIRA's regressor), metrics.jsonl (training curves, open-loop prediction error by horizon on
-held-out trajectories), and <model>.png (training curve, latents of a grid of positions).
+held-out trajectories), and <model>.png (training curve, latents of a grid of positions); <model>
+is the objective's name, with -seed<s> for --seed s ≠ 0 (peira-seed1.pt), so that seeds share --out.
 
 References:
   PLDM: V. Sobal, W. Zhang, K. Cho, R. Balestriero, T. G. J. Rudner and Y. LeCun, "Learning from
@@ -34,7 +36,8 @@ References:
     End-to-End Joint-Embedding Predictive Architecture from Pixels", arXiv preprint, 2026,
     arXiv:2603.19312.
   SIGReg: R. Balestriero and Y. LeCun, "LeJEPA: Provable and Scalable Self-Supervised Learning
-    Without the Heuristics", arXiv preprint, 2025, arXiv:2511.08544.
+    Without the Heuristics", arXiv preprint, 2025, arXiv:2511.08544; T. W. Epps and L. B. Pulley,
+    "A Test for Normality Based on the Empirical Characteristic Function", Biometrika 70(3), 1983.
   VICReg: A. Bardes, J. Ponce and Y. LeCun, "VICReg: Variance-Invariance-Covariance Regularization
     for Self-Supervised Learning", ICLR 2022, arXiv:2105.04906.
   Impala CNN: L. Espeholt et al., "IMPALA: Scalable Distributed Deep-RL with Importance Weighted
@@ -87,12 +90,13 @@ MOMENTUM = 0.8                  # probability of repeating the previous action i
 GUIDE_NOISE = 0.2               # door-guided trajectories: probability of a random action instead
 DOOR_APPROACH = 6.0             # their waypoints: 6 units in front of the door on either side
 DATA_VERSION = 2                # bump when the generator changes: the cache key holds it
+RENDER_VERSION = 2              # bump when render() changes: checkpoints record it, plan.py checks it
 SUCCESS_DIST = 2.0              # success: within one step of the goal (PLDM: 1 unit, continuous moves)
 MAX_STEPS = 200                 # episode length (PLDM)
 # PLDM's Two Rooms configuration: the coefficient of each term of its loss
 PLDM_COEFFS = {"pred": 1.0, "var": 3.9843, "cov": 6.9238, "var_t": 0.24535, "sim_t": 0.74242, "idm": 1.072}
 LEWM_SIGREG = 0.09              # LeWM: prediction + 0.09 · SIGReg
-SIGREG_DIRECTIONS, SIGREG_KNOTS = 256, 17
+SIGREG_DIRECTIONS, SIGREG_KNOTS, SIGREG_T = 1024, 17, 3.0  # LeWM's: 1024 projections, 17 knots on [0, 3]
 PEIRA_ETA = (0.9, 0.5)          # running-moment weight, annealed linearly
 
 
@@ -114,13 +118,22 @@ def move(pos, actions):
     return torch.where(free(new)[..., None], new, pos)
 
 
+def coverage(lo, hi, res):
+    """The fraction of each of the res pixels along [0, ARENA] that the interval [lo, hi] covers."""
+    edges = torch.arange(res + 1, dtype=torch.float64) * ARENA / res
+    return ((edges[1:].clamp(max=hi) - edges[:-1].clamp(min=lo)).clamp_min(0) * res / ARENA).float()
+
+
 def wall_image(res):
-    """The walls and the border as a (res, res) image of 0s and 1s."""
-    c = (torch.arange(res) + 0.5) * ARENA / res
-    y, x = torch.meshgrid(c, c, indexing="ij")
-    border = (x < BORDER) | (x > ARENA - BORDER) | (y < BORDER) | (y > ARENA - BORDER)
-    wall = ((x - WALL_X).abs() < WALL_HALF) & ((y - DOOR_Y).abs() > DOOR_HALF)
-    return (border | wall).float()
+    """The walls and the border as a (res, res) image (rows y, columns x): the fraction of each
+    pixel's area they cover, so that the 3-unit wall shows at every resolution (0.75 px at 16 px,
+    where no pixel centre falls inside it). Computed as 1 − the free space's share, the free space
+    being three disjoint rectangles: the two rooms and the door."""
+    lo, hi = BORDER, ARENA - BORDER
+    free_space = [((lo, WALL_X - WALL_HALF), (lo, hi)), ((WALL_X + WALL_HALF, hi), (lo, hi)),  # (x, y)
+                  ((WALL_X - WALL_HALF, WALL_X + WALL_HALF), (DOOR_Y - DOOR_HALF, DOOR_Y + DOOR_HALF))]
+    share = sum(coverage(*y, res)[:, None] * coverage(*x, res)[None, :] for x, y in free_space)
+    return (1 - share).clamp(0, 1)
 
 
 def render(pos, res):
@@ -354,18 +367,26 @@ def temporal_variance(z):
     return F.relu(1 - torch.sqrt(z.var(1) + 1e-4)).mean()
 
 
-def sigreg(z, gen):
-    """SIGReg (LeJEPA): the Epps–Pulley statistic of random 1-D projections of z (N, D) against
-    N(0, 1): the weighted squared distance between their empirical characteristic function and
-    exp(−t²/2), averaged over the projections."""
-    directions = torch.randn(z.shape[1], SIGREG_DIRECTIONS, generator=gen).to(z.device)
-    projections = z @ F.normalize(directions, dim=0)                    # (N, M)
-    t = torch.linspace(0, 3, SIGREG_KNOTS, device=z.device)
-    tx = projections[..., None] * t                                     # (N, M, T)
-    distance = (tx.cos().mean(0) - torch.exp(-t ** 2 / 2)) ** 2 + tx.sin().mean(0) ** 2
-    weighted = torch.exp(-t ** 2 / 2) * distance
-    integral = ((weighted[..., 1:] + weighted[..., :-1]) / 2 * (t[1] - t[0])).sum(-1)  # trapezoid rule
-    return len(z) * integral.mean()
+def sigreg(z, gen, directions=None):
+    """SIGReg (LeJEPA) as LeWM computes it: for random unit directions, the Epps–Pulley statistic
+    of the projections of z (..., N, D) against N(0, 1), N ∫ w(t) |φ̂(t) − exp(−t²/2)|² dt over
+    t ∈ [−3, 3] with w(t) = exp(−t²/2) (φ̂: their empirical characteristic function), averaged over
+    the directions and the leading dimensions. directions (D, M): fixed ones; by default
+    SIGREG_DIRECTIONS drawn from gen, shared by the leading dimensions as LeWM shares them."""
+    if directions is None:
+        directions = torch.randn(z.shape[-1], SIGREG_DIRECTIONS, generator=gen)
+    projections = z @ F.normalize(directions.to(z), dim=0)              # (..., N, M)
+    # the integrand is even in t: the trapezoid rule on [0, 3] doubled (weights 2 dt, dt at both
+    # ends) covers t < 0 as well. One knot at a time: 2-3× faster on a CPU than a (..., N, M, knots)
+    # tensor, whose size makes the loop memory-bound
+    dt = SIGREG_T / (SIGREG_KNOTS - 1)
+    statistic = 0
+    for k in range(SIGREG_KNOTS):
+        t, gaussian = k * dt, math.exp(-(k * dt) ** 2 / 2)             # e^{−t²/2}: N(0, 1)'s φ and w
+        weight = (dt if k in (0, SIGREG_KNOTS - 1) else 2 * dt) * gaussian
+        tx = projections * t
+        statistic = statistic + weight * ((tx.cos().mean(-2) - gaussian) ** 2 + tx.sin().mean(-2) ** 2)
+    return z.shape[-2] * statistic.mean()
 
 
 def world_model_loss(name, model, obs, actions, peira_loss, idm, gen, without=()):
@@ -378,11 +399,11 @@ def world_model_loss(name, model, obs, actions, peira_loss, idm, gen, without=()
         return loss, {}
     mse = F.mse_loss(pred, target)
     if name == "lewm":
-        sigreg_loss = torch.stack([sigreg(z[:, t], gen) for t in range(z.shape[1])]).mean()  # per frame
+        sigreg_loss = sigreg(z.transpose(0, 1), gen)  # per frame, over the batch; mean over frames
         return mse + LEWM_SIGREG * sigreg_loss, {"pred": mse.item(), "sigreg": sigreg_loss.item()}
     # PLDM, each term as its code computes it (objectives/vicreg.py): variance and covariance of
     # the first frame, temporal variance of the later frames, temporal similarity a mean over
-    # frames, windows and dimensions, an inverse-dynamics classifier
+    # frames, windows and dimensions; inverse dynamics adapted to the discrete actions (see train)
     var, cov = variance_covariance(z[:, 0])
     var_t = temporal_variance(z[:, 1:])
     sim_t = (z[:, 1:] - z[:, :-1]).square().mean()
@@ -449,9 +470,14 @@ def train(name, args, pos, actions, held_out, device):
     without = []
     if name == "pldm":  # the ablations drop PLDM's terms only
         without = [term for term in args.without.split(",") if term]
-    label = "-".join([name] + [f"without-{term}" for term in without])   # also the checkpoint's name
+    # also the checkpoint's name; the seed in it, so that --seed 1 does not overwrite seed 0's model
+    seed = [f"seed{args.seed}"] if args.seed else []
+    label = "-".join([name] + [f"without-{term}" for term in without] + seed)
     torch.manual_seed(args.seed)
     model = WorldModel(args.res, args.latent, args.predictor).to(device)
+    # PLDM's inverse-dynamics term, adapted to the 4 discrete actions: a cross-entropy over them from
+    # a 64-unit hidden layer, where PLDM regresses its 2-D continuous action with an MSE from a
+    # 512-unit layer. Its weight stays PLDM's 1.072, tuned for that MSE and not re-tuned here
     idm = nn.Sequential(nn.Linear(2 * args.latent, 64), nn.ReLU(), nn.Linear(64, 4)).to(device)
     peira_loss = peira.PEIRALoss(args.latent, lam=args.lam, eta=PEIRA_ETA[0]).to(device)
     params = list(model.parameters()) + (list(idm.parameters()) if name == "pldm" else [])
@@ -497,7 +523,8 @@ def train(name, args, pos, actions, held_out, device):
     # checkpoint (written whole, then renamed), metrics, figure
     path = os.path.join(args.out, f"{label}.pt")
     tmp = path + ".tmp"
-    torch.save({"model": model.state_dict(), "config": {**vars(args), "loss": name, "label": label},
+    config = {**vars(args), "loss": name, "label": label, "render": RENDER_VERSION}
+    torch.save({"model": model.state_dict(), "config": config,
                 "seconds": seconds, "regressor": regressor}, tmp)
     os.replace(tmp, path)
     with open(os.path.join(args.out, "metrics.jsonl"), "a") as fh:
@@ -512,8 +539,8 @@ def main(argv=None):
     losses = args.losses.split(",")
     if any(name not in ("peira", "pldm", "lewm") for name in losses):
         parser.error(f"--losses takes peira, pldm, lewm; got {args.losses}")
-    if args.horizon >= args.length or args.res < 8 or args.steps < 1 or not args.lam > 0:
-        parser.error("need --horizon < --length, --res ≥ 8, --steps ≥ 1, --lam > 0")
+    if not 1 <= args.horizon < args.length or args.res < 8 or args.steps < 1 or not args.lam > 0:
+        parser.error("need 1 ≤ --horizon < --length, --res ≥ 8, --steps ≥ 1, --lam > 0")
     if not 0 <= args.door_fraction <= 1:
         parser.error(f"--door-fraction is a fraction in [0, 1], got {args.door_fraction}")
     unknown = {term for term in args.without.split(",") if term} - (set(PLDM_COEFFS) - {"pred"})
@@ -529,15 +556,18 @@ def main(argv=None):
     held_out = random_trajectories(256, args.length, args.seed + 7919, data_config(args)["door_fraction"],
                                    args.no_door_data)
 
-    # one world model per objective, then a table of their final loss and open-loop error
+    # one world model per objective, then a table of their final loss and open-loop error. Each
+    # loss is the model's own objective (PEIRA's L_PEIRA, not its auxiliary loss): not comparable
+    # across objectives, the open-loop errors are
     rows = []
     for name in losses:
         _, history, seconds = train(name, args, pos, actions, held_out, device)
         last = history[-1]
-        rows.append((last["model"], last["loss"], last["prediction_error"]["raw"], seconds))
-        print(f"{last['model']}: final loss {last['loss']:.4f}, {seconds:.0f} s")
+        own = last.get("objective", last["loss"])
+        rows.append((last["model"], own, last["prediction_error"]["raw"], seconds))
+        print(f"{last['model']}: final training loss (own objective) {own:.4f}, {seconds:.0f} s")
     horizons = " | ".join(f"error h={h}" for h in rows[0][2])
-    print(f"\n| model | final loss | {horizons} | training time (s) |")
+    print(f"\n| model | final training loss (own objective) | {horizons} | training time (s) |")
     print("|---" * (len(rows[0][2]) + 3) + "|")
     for label, loss, error, seconds in rows:
         errors = " | ".join(f"{e:.2f}" for e in error.values())
