@@ -44,7 +44,8 @@ import torch.nn as nn
 
 __all__ = [
     "moments", "optimal_regressor", "peira_objective", "aux_loss", "aux_loss_from_moments", "PEIRALoss",
-    "nonlinear_cca", "linear_cca", "canonical_correlations", "peira_filter", "simsiam_filter",
+    "nonlinear_cca", "linear_cca", "canonical_correlations", "canonical_correlations_with_null", "peira_filter",
+    "simsiam_filter",
     "effective_rank", "alignment",
 ]
 
@@ -60,7 +61,7 @@ def _moment_sums(u, v):
         u, v = u.to(_compute_dtype(u)), v.to(_compute_dtype(u))
         p, m = u + v, u - v
         pp, mm = p.T @ p, m.T @ m
-        return (pp + mm) / 2, (pp - mm) / 2, u.sum(0), v.sum(0)
+        return torch.add(pp, mm).mul_(0.5), pp.sub_(mm).mul_(0.5), u.sum(0), v.sum(0)
 
 
 def _moments_from_sums(sum_nn, sum_ss, sum_u, sum_v, n, center):
@@ -159,15 +160,34 @@ def aux_loss_from_moments(u, v, N, S, lam):
     _check_pair(u, v)
     with _no_autocast(u):
         dtype = _compute_dtype(u)
-        both = torch.cat([u, v]).to(dtype)                      # rows u_1..u_B, v_1..v_B
         N, S = N.detach().to(dtype), S.detach().to(dtype)
-        eye = torch.eye(N.shape[0], dtype=dtype, device=N.device)
-        L, info = torch.linalg.cholesky_ex(N + lam * eye)
-        a = torch.cholesky_solve(both.T, L).T                   # rows (Qu)ᵀ then (Qv)ᵀ
-        partner = torch.cat([v, u]).to(dtype)
-        fit = (a * (a @ S - partner)).sum()                     # S symmetric: rows (S a)ᵀ = aᵀS
-        loss = 0.5 * (fit + lam * both.square().sum()) / u.shape[0]
+        shifted = N.clone()
+        shifted.diagonal().add_(lam)
+        L, info = torch.linalg.cholesky_ex(shifted)
+        loss = _AuxLossFromFactor.apply(torch.cat([u, v]).to(dtype), L, S, lam)
         return loss + torch.where(info == 0, 0.0, math.nan).to(dtype)
+
+
+class _AuxLossFromFactor(torch.autograd.Function):
+    """aux_loss_from_moments on the stacked rows x = [u; v] (2B, k), with L the Cholesky factor of
+    N + λI. Forward: a = Qx (rows), the fit Σ aᵀ(S a − x_swapped); backward in closed form, the
+    auxiliary gradient (Q S a − a_swapped + λx) / B: one more solve, no product by S."""
+
+    @staticmethod
+    def forward(ctx, x, L, S, lam):
+        batch = x.shape[0] // 2
+        a = torch.cholesky_solve(x.T, L).T                      # rows (Qu)ᵀ then (Qv)ᵀ
+        Sa = a @ S                                              # S symmetric: rows (S a)ᵀ
+        fit = (a * (Sa - x.roll(batch, 0))).sum()               # partner rows: v for u, u for v
+        ctx.save_for_backward(x, L, Sa, a.roll(batch, 0))
+        ctx.lam = lam
+        return 0.5 * (fit + lam * x.square().sum()) / batch
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, L, Sa, a_swapped = ctx.saved_tensors
+        grad_x = torch.cholesky_solve(Sa.T, L).T - a_swapped + ctx.lam * x
+        return grad_x * (grad / (x.shape[0] // 2)), None, None, None
 
 
 # -----------------------------------------------------------------------------
@@ -275,33 +295,37 @@ class PEIRALoss(nn.Module):
 
     @torch.no_grad()
     def _update(self, u, v, all_reduce):
-        """The running moments take in this batch unless it holds a non-finite value (on any rank);
-        returns the batch's (global) means and whether it was finite, without a host sync."""
-        sum_nn, sum_ss, sum_u, sum_v, n = self._sums(u.detach(), v.detach(), all_reduce)
-        finite = torch.isfinite(sum_nn).all() & torch.isfinite(sum_ss).all()
+        """The running moments take in this batch unless it holds a non-finite value (on any rank):
+        such a batch is zeroed before the products and weighted 0, so nothing waits for the host.
+        Returns the batch's (global) means and whether it was finite."""
+        u, v = u.detach().to(_compute_dtype(u)), v.detach().to(_compute_dtype(u))
+        bad = ~torch.isfinite(u.square().sum() + v.square().sum())  # NaN, inf, or squares overflowing
+        u, v = torch.where(bad, 0.0, u), torch.where(bad, 0.0, v)
+        sum_nn, sum_ss, sum_u, sum_v, n, bad = self._sums(u, v, bad, all_reduce)
+        finite = ~bad
         N, S = _moments_from_sums(sum_nn, sum_ss, sum_u, sum_v, n, self.center)
-        eta = torch.where(self.steps == 0, 1.0, self.eta_now).to(self.N.dtype)
-        self.N.copy_(torch.where(finite, self.N.lerp(N.to(self.N.dtype), eta), self.N))
-        self.S.copy_(torch.where(finite, self.S.lerp(S.to(self.S.dtype), eta), self.S))
+        weight = torch.where(self.steps == 0, 1.0, self.eta_now).to(self.N.dtype) * finite
+        self.N.lerp_(N.to(self.N.dtype), weight)
+        self.S.lerp_(S.to(self.S.dtype), weight)
         self.steps += finite.long()
-        self.non_finite_steps += (~finite).long()
+        self.non_finite_steps += bad.long()
         var = sum_nn.diagonal() / n - (sum_u / n) ** 2 - (sum_v / n) ** 2  # per-dim var u + var v
         std = (var / 2).clamp_min(0).sqrt().mean()
-        self.embedding_std.copy_(torch.where(finite, std.to(self.embedding_std.dtype), self.embedding_std))
+        self.embedding_std.lerp_(std.to(self.embedding_std.dtype), finite.to(self.embedding_std.dtype))
         return sum_u / n, sum_v / n, finite
 
-    def _sums(self, u, v, all_reduce):
-        """Moment sums over the batch and its size; the global batch's when distributed (one
-        all_reduce of one triangle of each symmetric sum)."""
+    def _sums(self, u, v, bad, all_reduce):
+        """Moment sums over the batch, its size and whether a batch was non-finite; the global
+        batch's when distributed (one all_reduce, of one triangle of each symmetric sum)."""
         sum_nn, sum_ss, sum_u, sum_v = _moment_sums(u, v)
         n = sum_u.new_tensor(u.shape[0])
         if all_reduce and dist.is_available() and dist.is_initialized():
-            flat = torch.cat([_pack_symmetric(sum_nn, sum_ss), sum_u, sum_v, n[None]])
+            flat = torch.cat([_pack_symmetric(sum_nn, sum_ss), sum_u, sum_v, n[None], bad.to(n.dtype)[None]])
             dist.all_reduce(flat)
             k = self.dim
             sum_nn, sum_ss = _unpack_symmetric(flat[:k * k + k], k)
-            sum_u, sum_v, n = flat[k * k + k:k * k + 2 * k], flat[k * k + 2 * k:-1], flat[-1]
-        return sum_nn, sum_ss, sum_u, sum_v, n
+            sum_u, sum_v, n, bad = flat[k * k + k:k * k + 2 * k], flat[k * k + 2 * k:-2], flat[-2], flat[-1] > 0
+        return sum_nn, sum_ss, sum_u, sum_v, n, bad
 
     @property
     def P(self):
@@ -429,6 +453,26 @@ def canonical_correlations(N, S, rtol=None):
     keep = eig > rtol * eig.max().clamp_min(1e-300)
     whiten = vec[:, keep] / eig[keep].sqrt()
     return torch.linalg.eigvalsh(whiten.T @ ((S + S.T) / 2) @ whiten).flip(0).to(dtype)
+
+
+def canonical_correlations_with_null(u, v, generator=None, shuffles=5):
+    """Canonical correlations of paired embeddings u, v (n, k), centered, with their null: the same
+    statistic on the pairs shuffled across samples, i.e. the level finite-sample noise alone reaches
+    at this n against k (about 2√(k/n) at the top); the null is the largest of `shuffles` shuffles,
+    rank by rank, so that pure noise passes null[0] with probability about 1 / (shuffles + 1). Read
+    the first against the second: directions above null[0] carry a correlation the sample can see.
+    Both descending, in float64.
+
+    Running moments average about B(2 − η)/η samples, often not many more than k: their canonical
+    correlations (stats) mostly measure that noise. Here n should be large against k (e.g. two
+    augmented views of every training image). The shuffle draws from generator (on v's device).
+    """
+    _check_pair(u, v)
+    u, v = u.detach().double(), v.detach().double()
+    corr = canonical_correlations(*moments(u, v, center=True))
+    null = [canonical_correlations(*moments(u, v[torch.randperm(len(v), generator=generator, device=v.device)],
+                                            center=True)) for _ in range(shuffles)]
+    return corr, torch.stack(null).amax(0)
 
 
 # -----------------------------------------------------------------------------

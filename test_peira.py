@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import torchvision
 
 import bench
-import bench_digits
+import bench_images
 import peira
 import plan
 import simsiam_dynamics as sd
@@ -417,6 +417,33 @@ def test_stats_against_direct_computations():
     assert math.isnan(fresh["median_corr"]) and fresh["kept"] == 0
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_canonical_correlations_separate_signal_from_their_null(seed):
+    """4096 pairs, k 64: independent views read at most the shuffled pairs' level (+ 0.02), and views
+    with 8 truly correlated directions (0.35 to 0.9, mixed by a random rotation, each view with its own
+    noise and offset) show exactly 8 above it. The running moments' spectrum, read without a null,
+    would count dozens of directions on the same independent views (the diagnostic this replaces)."""
+    n, k = 4096, 64
+    g = torch.Generator().manual_seed(seed)
+    u, v = torch.randn(n, k, generator=g, dtype=F64) + 3, torch.randn(n, k, generator=g, dtype=F64) - 1
+    corr, null = peira.canonical_correlations_with_null(u, v, torch.Generator().manual_seed(seed))
+    assert corr[0] <= null[0] + 0.02 and (corr > null[0]).sum() <= 1
+    assert 0.1 < null[0] < 0.35  # ≈ 2√(k/n) = 0.25: the level noise reaches
+    rho = torch.linspace(0.35, 0.9, 8, dtype=F64)
+    common = torch.randn(n, 8, generator=g, dtype=F64)
+    planted_u, planted_v = u.clone(), v.clone()
+    planted_u[:, :8] = common + torch.randn(n, 8, generator=g, dtype=F64) * ((1 - rho) / rho).sqrt()
+    planted_v[:, :8] = common + torch.randn(n, 8, generator=g, dtype=F64) * ((1 - rho) / rho).sqrt()
+    rotation = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=F64))[0]
+    corr, null = peira.canonical_correlations_with_null(planted_u @ rotation, planted_v @ rotation,
+                                                        torch.Generator().manual_seed(seed))
+    assert (corr > null[0]).sum() == 8
+    torch.testing.assert_close(corr[:8].flip(0), rho, atol=0.05, rtol=0)
+    # the statistic on 256 pairs (a batch's worth) reads noise as correlation
+    small = peira.canonical_correlations(*peira.moments(u[:256], v[:256], center=True))
+    assert (small > 0.3).sum() > 10
+
+
 # -----------------------------------------------------------------------------
 # two processes (gloo) against one process on the concatenated batch
 
@@ -580,10 +607,24 @@ def test_bench_runs_every_loss_and_rejects_an_unknown_one(capsys):
     with pytest.raises(SystemExit) as exc:
         bench.main(["--losses", "peira,simclr"])
     assert exc.value.code == 2 and "unknown 'simclr'" in capsys.readouterr().err
-    rows = bench.main(["--width", "8", "--batch-size", "4", "--proj", "16-8", "--steps", "1",
-                       "--warmup", "0"])
+    rows = bench.main(["--tables", "step", "--width", "8", "--batch-size", "4", "--proj", "16-8", "--steps",
+                       "2", "--warmup", "0"])["step"]
     assert [r["loss"] for r in rows] == ["peira", "peira_direct", "simsiam", "vicreg"]
     assert all(r["step_ms"] > r["loss_ms"] > 0 for r in rows)
+    assert math.isnan(rows[0]["monitor_cost"]) and all(math.isfinite(r["monitor_cost"]) for r in rows[1:])
+    tables = bench.main(["--tables", "loss,augment,throughput", "--ks", "8", "--batches", "16", "--aug-batch",
+                         "8", "--steps", "1", "--warmup", "0", "--throughput-steps", "1", "--throughput-batch", "8",
+                         "--losses", "peira"])
+    assert [(r["k"], r["B"]) for r in tables["loss"]] == [(8, 16)]
+    assert tables["augment"][0]["batched"] > 0 and tables["throughput"][0]["per-image"] > 0
+    # the loss table compares like with like: the explicit formula has PEIRALoss's value and moments
+    u, v = random_pair(16, 5, seed=4)
+    u, v = u.float(), v.float()
+    peira_loss = peira.PEIRALoss(5, lam=0.7, eta=0.5)
+    peira_loss(v, u)
+    N, S = peira_loss.N.clone(), peira_loss.S.clone()
+    torch.testing.assert_close(bench.explicit_peira_loss(u, v, N, S, 0.7, 0.5), peira_loss(u, v))
+    torch.testing.assert_close(N, peira_loss.N)
 
 
 def test_requirements_lower_bounds_cover_the_apis_used():
@@ -845,6 +886,30 @@ def test_gradient_accumulation_vicreg_exact_peira_as_documented():
         torch.testing.assert_close(p.detach(), w - 0.1 * g, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("lr", [0.04, 3.0])
+def test_lars_conventions(lr):
+    """One LARS step per convention against its formula in float64: VICReg's (the trust 0.001 scales
+    lr) and solo-learn's (0.02, clipped: the step is min(0.02‖p‖/(‖g‖ + wd‖p‖), lr) · (g + wd·p));
+    a bias gets plain SGD. At lr 0.04 solo-learn's step is the clipped one, at lr 3 the trust one."""
+    g = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(6, 5, generator=g, dtype=F64), torch.randn(6, generator=g, dtype=F64)
+    grad_w, grad_b = 0.01 * torch.randn(6, 5, generator=g, dtype=F64), torch.randn(6, generator=g, dtype=F64)
+    wd = 0.1  # ‖g‖ ≪ ‖p‖ as in a network: solo-learn's trust ratio (0.18 here) exceeds lr 0.04
+    d = grad_w + wd * weight
+    expected = {"vicreg": lr * 0.001 * weight.norm() / d.norm(),
+                "solo-learn": min(0.02 * weight.norm() / (grad_w.norm() + wd * weight.norm()), lr)}
+    assert (expected["solo-learn"] == lr) == (lr == 0.04)
+    for convention, rate in expected.items():
+        w, b = nn.Parameter(weight.clone()), nn.Parameter(bias.clone())
+        w.grad, b.grad = grad_w.clone(), grad_b.clone()
+        opt = tc.LARS([w, b], lr=lr, weight_decay=wd, convention=convention)
+        opt.step()
+        torch.testing.assert_close(w.detach(), weight - rate * d, rtol=1e-7, atol=1e-12)  # eps 1e-8
+        torch.testing.assert_close(b.detach(), bias - lr * grad_b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="convention"):
+        tc.LARS([w], lr=0.1, convention="lightly")
+
+
 def test_checkpoint_save_refuses_non_finite_weights_and_load_falls_back(tmp_path, capsys):
     path = str(tmp_path / "ckpt.pt")
     state = {"model": {"w": torch.ones(3)}, "probe": {}, "peira": {}, "opt": {}, "probe_opt": {}, "epoch": 1,
@@ -952,10 +1017,12 @@ def test_train_cifar_two_steps_of_each_loss(fake_cifar, tmp_path, loss):
 
 
 def test_train_cifar_warns_when_lam_switches_directions_off(fake_cifar, tmp_path, capsys):
-    """λ² above every canonical correlation (≤ 1): PEIRA keeps no direction, and says so."""
-    history = tc.main(cifar_args(fake_cifar, tmp_path, "--lam", "1.5", "--epochs", "1"))
-    assert history[-1]["kept"] == 0
-    assert "warning: λ 1.5 keeps 0% of the 64 directions" in capsys.readouterr().out
+    """λ² above every canonical correlation (≤ 1): PEIRA keeps none of the directions the training
+    images show above their null (the class tints give some), and says so."""
+    history = tc.main(cifar_args(fake_cifar, tmp_path, "--lam", "1.5", "--epochs", "1", "--subset", "640"))
+    last = history[-1]
+    assert last["kept_dims"] == 0 and last["signal_dims"] >= 1 and 0 < last["null_level"] < 1
+    assert f"warning: λ 1.5 keeps 0 of the {last['signal_dims']} directions" in capsys.readouterr().out
 
 
 def test_online_probe_learns_a_separable_problem_within_one_tiny_epoch():
@@ -988,51 +1055,75 @@ def test_tiny_preset_gives_way_to_flags_and_keeps_each_recipe_optimiser():
     assert (args.optimizer, args.lr) == ("lars", tc.TINY_LARS_LR)
 
 
-def test_digits_benchmark_writes_cifar_format_that_train_cifar_reads(tmp_path):
-    """bench_digits.py: scikit-learn's digits in CIFAR-10's on-disk format. train_cifar.py's loader
-    reads every image back, the test split is stratified and disjoint from the training images, and
-    the validation split holds training images only."""
+def test_image_benchmark_splits(tmp_path):
+    """bench_images.py writes its splits in CIFAR-10's on-disk format, which train_cifar.py reads back
+    image for image: digits (the 8×8 scans, upsampled), and CIFAR-10 from an image folder; the
+    training subset is class-balanced, the validation images are training images never trained on,
+    and the test split holds the test images."""
     pytest.importorskip("sklearn")
     from sklearn.datasets import load_digits
-    bench_digits.build_digits(str(tmp_path / "test"))
-    bench_digits.build_digits(str(tmp_path / "val"), validation=True)
-    train_x, train_y, test_x, test_y = tc.load_splits(str(tmp_path / "test"), 0)
-    assert train_x.shape == (1497, 3, 32, 32) and test_x.shape == (300, 3, 32, 32)
-    assert torch.equal(test_y.bincount(), torch.full((10,), 30))
-    # the bytes read back are the digits as built, each once, with their labels (a layout error in
-    # the (N, 3072) channel-major rows would scramble them)
-    images, labels = bench_digits.digits_as_cifar()
+    setting = dict(bench_images.SETTING["digits"])
+    args = bench_images.parser.parse_args(["--dataset", "digits", "--out", str(tmp_path / "digits")])
+    test_dir, val_dir = (bench_images.build_split(args, setting, s) for s in ("test", "validation"))
+    train_x, train_y, test_x, test_y = tc.load_splits(test_dir, 0)
+    val_train, _, val_x, _ = tc.load_splits(val_dir, 0)
+    images, labels = bench_images.digits_as_cifar()
     index = {img.numpy().tobytes(): i for i, img in enumerate(images)}
     assert len(index) == 1797 and torch.equal(labels, torch.from_numpy(load_digits().target))
-    read = [index.get(img.numpy().tobytes()) for img in torch.cat([train_x, test_x])]
-    assert sorted(read) == list(range(1797))
-    assert torch.equal(labels[read], torch.cat([train_y, test_y]))
-    # each image is its 8×8 scan upsampled: the 4×4 means are closest to that scan
-    scans = torch.from_numpy(load_digits().images).float().flatten(1) * 255 / 16
-    pooled = F.avg_pool2d(images[:, :1].float(), 4).flatten(1)
-    assert (torch.cdist(pooled, scans).argmin(1) == torch.arange(1797)).float().mean() > 0.99
-    val_train, _, val_x, _ = tc.load_splits(str(tmp_path / "val"), 0)
-    val_read = {index[img.numpy().tobytes()] for img in torch.cat([val_train, val_x])}
-    assert len(val_x) == 300 and len(val_read) == 1497 and not val_read & set(read[1497:])
+    train, test, val = ([index[img.numpy().tobytes()] for img in x] for x in (train_x, test_x, val_x))
+    assert len(test) == 300 and torch.equal(test_y.bincount(), torch.full((10,), 30))
+    assert torch.equal(labels[train], train_y) and torch.equal(val_train, train_x)  # same training images
+    assert not set(train) & set(val) and not set(train) & set(test) and not set(val) & set(test)
+    assert len(val) == 300 and len(train) > 1150
+    scans = torch.from_numpy(load_digits().images).float().flatten(1) * 255 / 16  # each image its scan
+    assert (torch.cdist(F.avg_pool2d(images[:, :1].float(), 4).flatten(1), scans).argmin(1)
+            == torch.arange(1797)).float().mean() > 0.99
+    # CIFAR-10 from an image folder, at a small setting
+    cifar, cifar_labels = smooth_images(40, seed=7)[0], (torch.arange(40) % 10).tolist()
+    write_image_folder(str(tmp_path / "folder"), cifar, cifar_labels, "png")
+    args = bench_images.parser.parse_args(["--data", str(tmp_path / "folder"), "--out", str(tmp_path / "c")])
+    small = {**bench_images.SETTING["cifar10"], "train_size": 10, "val_size": 10}
+    train_x, train_y, test_x, _ = tc.load_splits(bench_images.build_split(args, small, "test"), 0)
+    _, _, val_x, _ = tc.load_splits(bench_images.build_split(args, small, "validation"), 0)
+    assert len(train_x) == 10 and torch.equal(train_y.sort().values, torch.arange(10)) and len(test_x) == 10
+    seen = {x.numpy().tobytes() for x in train_x}
+    assert not seen & {x.numpy().tobytes() for x in val_x}
+    assert {x.numpy().tobytes() for x in test_x} == {cifar[i].numpy().tobytes() for i in range(30, 40)}
 
 
-def test_digits_benchmark_summary_against_direct_computations(capsys):
-    """bench_digits.summary: last-epoch values, kNN change over the last half (last − middle epoch),
-    corr(objective, kNN) and the training time, from per-epoch records; one table row per label."""
+def test_image_benchmark_statistics_and_trials(capsys):
+    """bench_images: the summary of a run from its records, the paired difference and its t interval
+    against a direct computation, one table row per label; every loss gets the same number of trials,
+    and SimSiam's learning rate follows the batch."""
     gen = torch.Generator().manual_seed(0)
-    history = [{"epoch": e + 1, "knn": torch.rand(1, generator=gen).item(),
-                "online_probe": 0.5, "rank_N": 3.0 + e, "kept": 0.25, "alignment": 0.9,
+    history = [{"epoch": e + 1, "knn": torch.rand(1, generator=gen).item(), "rank_N": 3.0 + e,
+                "signal_dims": e, "null_level": 0.2, "alignment": 0.5 + e / 10,
                 "objective": torch.randn(1, generator=gen).item(), "epoch_time": 2.0} for e in range(6)]
-    row = bench_digits.summary(history)
+    evaluation = {"linear_probe": 0.6, "knn_k20": 0.5, "knn_k200": 0.4}
+    row = bench_images.summary(history, evaluation)
     knn, objective = [h["knn"] for h in history], [h["objective"] for h in history]
-    assert row["knn"] == knn[-1] and row["knn_last_half"] == knn[5] - knn[2] and row["rank_N"] == 8.0
+    assert (row["knn_first"], row["knn_last"], row["rank_N"], row["alignment_first"]) == (knn[0], knn[-1], 8.0, 0.5)
     mk, mo = sum(knn) / 6, sum(objective) / 6
     cov = sum((k - mk) * (o - mo) for k, o in zip(knn, objective))
     corr = cov / math.sqrt(sum((k - mk) ** 2 for k in knn) * sum((o - mo) ** 2 for o in objective))
     assert abs(row["objective_knn_corr"] - corr) < 1e-12 and row["train_time_s"] == 12.0
-    bench_digits.print_table({"peira (λ 0.1)": [row, row]}, {"raw pixels": 0.5})
+    a = [{"linear_probe": x} for x in (0.60, 0.70, 0.65)]
+    b = [{"linear_probe": x} for x in (0.50, 0.66, 0.58)]
+    d = [0.10, 0.04, 0.07]
+    sd = math.sqrt(sum((x - 0.07) ** 2 for x in d) / 2)
+    mean, lo, hi = bench_images.paired_difference(a, b, "linear_probe")
+    assert abs(mean - 0.07) < 1e-12 and abs(hi - mean - 4.302652729911275 * sd / math.sqrt(3)) < 1e-9
+    assert abs((lo + hi) / 2 - mean) < 1e-12
+    bench_images.print_table({"peira-lam0.1": [row, row]}, {"raw pixels": evaluation})
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| peira")]
-    assert lines and f"| peira (λ 0.1) | 2 | {100 * knn[-1]:.1f} | 50.0 |" in lines[0]
+    assert lines and "| peira-lam0.1 | 2 | 60.0 ± 0.0 | 50.0 ± 0.0 | 40.0 ± 0.0 |" in lines[0]
+    assert len({len(trials) for trials in bench_images.TRIALS.values()}) == 1
+    setting = bench_images.SETTING["cifar10"]
+    argv = bench_images.run_argv("d", "o", "simsiam", {"lr_per_256": 0.03}, 1, setting)
+    assert float(argv[argv.index("--lr") + 1]) == 0.03 * setting["batch"] / 256
+    args = tc.parse_args(bench_images.run_argv("d", "o", "peira", {"lam": 0.3, "lars": "solo-learn"}, 2, setting))
+    assert (args.lam, args.lars, args.seed, args.width, args.proj) == (0.3, "solo-learn", 2, setting["width"],
+                                                                       setting["proj"])
 
 
 def test_simsiam_runs_its_own_cifar_recipe():

@@ -16,7 +16,8 @@ memory bank), the online linear probe (fit on the same clean features), the PEIR
 diagnostics of the embeddings (for every loss), a checkpoint (the previous one is kept as
 ckpt.pt.prev). Writes into --out: config.json, metrics.jsonl, ckpt.pt, results.json,
 objective_vs_knn.png, alignment_by_epoch.png; results and figures cover the whole run, across
-resumes. Any folder in CIFAR-10's on-disk format works as --data (bench_digits.py writes one).
+resumes. --data takes CIFAR-10 in torchvision's format (downloaded when missing) or as an image
+folder (train/<class>/*.jpg, test/<class>/*.jpg); bench_images.py writes splits in the first.
 """
 import argparse
 import json
@@ -55,6 +56,8 @@ parser.add_argument("--epochs", type=int, default=1000)
 parser.add_argument("--batch-size", type=int, help="global batch (split across ranks); " + RECIPE)
 parser.add_argument("--optimizer", choices=["lars", "sgd"], help=RECIPE)
 parser.add_argument("--lr", type=float, help="peak learning rate for the global batch; " + RECIPE)
+parser.add_argument("--lars", default="vicreg", choices=["vicreg", "solo-learn"],
+                    help="LARS's trust-ratio convention, named after the code it comes from (see LARS)")
 parser.add_argument("--wd", type=float, help="weight decay (not on biases and norms); " + RECIPE)
 parser.add_argument("--warmup-epochs", type=float, help=RECIPE)
 parser.add_argument("--clip", type=float, help="gradient-norm clipping (0: off); " + RECIPE)
@@ -102,7 +105,7 @@ TINY_LARS_LR = 0.3  # --tiny with LARS (PEIRA, VICReg); SimSiam's SGD keeps its 
 KNN_K, KNN_T = 200, 0.1          # kNN monitor (InstDisc / solo-learn)
 PROBE_PASSES, PROBE_LR = 5, 0.1  # online probe: SGD passes over the clean training features per epoch
 COLLAPSE_STD = 0.1               # warn when √k · std of the normalised embeddings falls below this
-KEPT_WARN = 0.2                  # warn when PEIRA keeps fewer directions (correlation > λ²) than this share
+KEPT_WARN = 0.5                  # warn when PEIRA keeps (s > λ²) less than this share of the directions seen
 VICREG_COEFFS = (25.0, 25.0, 1.0)  # invariance, variance, covariance (official VICReg)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -169,12 +172,21 @@ def ssl_loss(name, z1, z2, p1, p2, peira_loss, lam, world):
     return vicreg_loss(z1, z2, world)
 
 
-class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise trust ratio; parameters with ndim ≤ 1 (biases, norms)
-    get neither weight decay nor the trust ratio."""
+LARS_CONVENTIONS = ("vicreg", "solo-learn")
 
-    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, trust=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust=trust))
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and a layer-wise trust ratio q: the step is lr · q · (g + wd·p), momentum on
+    it; parameters with ndim ≤ 1 (biases, norms) get neither weight decay nor the trust ratio. Two
+    conventions, which differ by up to 500× at a small lr:
+      vicreg      q = 0.001 ‖p‖ / ‖g + wd·p‖ (VICReg's official code: the trust multiplies lr);
+      solo-learn  q = min(0.02 ‖p‖ / (‖g‖ + wd‖p‖) / lr, 1) (solo-learn's, from Lightning Bolts, with its
+                  configs' eta 0.02 and clip_lars_lr: a layer moves by at most lr · ‖g + wd·p‖)."""
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, convention="vicreg"):
+        if convention not in LARS_CONVENTIONS:
+            raise ValueError(f"LARS convention must be one of {LARS_CONVENTIONS}, got {convention!r}")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, convention=convention))
 
     @torch.no_grad()
     def step(self):
@@ -184,9 +196,13 @@ class LARS(torch.optim.Optimizer):
                     continue
                 d = p.grad
                 if p.ndim > 1:
+                    pn, gn = p.norm(), d.norm()
                     d = d.add(p, alpha=g["weight_decay"])
-                    pn, dn = p.norm(), d.norm()
-                    d = d.mul(torch.where((pn > 0) & (dn > 0), g["trust"] * pn / dn, 1.0))
+                    if g["convention"] == "vicreg":
+                        q = 0.001 * pn / d.norm()
+                    else:
+                        q = (0.02 * pn / (gn + g["weight_decay"] * pn + 1e-8) / g["lr"]).clamp(max=1.0)
+                    d = d.mul(torch.where((pn > 0) & (gn > 0), q, 1.0))
                 buf = self.state[p].setdefault("mu", torch.zeros_like(p))
                 buf.mul_(g["momentum"]).add_(d)
                 p.add_(buf, alpha=-g["lr"])
@@ -671,31 +687,37 @@ def _resize_taps(start, length, in_size, out_size, taps):
 
 def resized_crop(x, top, left, height, width, size, flip):
     """Per-sample crop of x (n, C, H, W) resized to size × size, mirrored where flip: equal to
-    v2.functional.resized_crop(antialias=True) image by image. Separable (rows, then columns), each
-    an index_select of a few taps per output pixel and a weighted sum: unlike roi_align or grid_sample
-    it never reads outside the crop, and unlike a matmul it stays exact under TF32 or autocast."""
+    v2.functional.resized_crop(antialias=True) image by image. Separable: two batched products with
+    per-sample resampling matrices (rows, then columns) that hold each output pixel's few taps, so it
+    never reads outside the crop (unlike roi_align or grid_sample at the crop's border). Exact on uint8
+    values for crops ≤ size (weights are multiples of 1/64) in float32 (not under TF32 or autocast)."""
     n, c, H, W = x.shape
     taps = math.ceil(2 * max(H / size, W / size, 1.0))  # 2 when upsampling
     iy, wy = _resize_taps(top, height, H, size, taps)
     ix, wx = _resize_taps(left, width, W, size, taps)
     ix, wx = torch.where(flip.view(n, 1, 1), ix.flip(1), ix), torch.where(flip.view(n, 1, 1), wx.flip(1), wx)
-    plane = torch.arange(n * c, device=x.device).view(n, c, 1, 1)  # index of each (image, channel)
-    rows = x.reshape(n * c * H, W).index_select(0, (plane * H + iy[:, None]).view(-1)).view(n, c, size, taps, W)
-    rows = (rows * wy[:, None, :, :, None]).sum(3)  # (n, c, size, W)
-    cols = rows.transpose(2, 3).reshape(n * c * W, size).index_select(0, (plane * W + ix[:, None]).view(-1))
-    cols = (cols.view(n, c, size, taps, size) * wx[:, None, :, :, None]).sum(3)  # (n, c, x, y)
-    return cols.transpose(2, 3).contiguous()
+    rows = torch.zeros(n, size, H, device=x.device).scatter_add_(2, iy, wy)  # (n, out y, in y)
+    cols = torch.zeros(n, size, W, device=x.device).scatter_add_(2, ix, wx)  # (n, out x, in x)
+    y = torch.bmm(rows, x.permute(0, 2, 1, 3).reshape(n, H, c * W))       # (n, size, c·W)
+    y = y.view(n, size, c, W).transpose(1, 2).reshape(n, c * size, W)
+    return torch.bmm(y, cols.transpose(1, 2)).view(n, c, size, size)
 
 
 def _gray(x):
-    """ITU-R 601 luma (n, 1, H, W), torchvision's weights."""
+    """ITU-R 601 luma (n, 1, H, W), torchvision's weights and order of operations."""
     r, g, b = x.unbind(1)
-    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(1)
 
 
-def _blend(x, other, ratio):
-    """ratio·x + (1 − ratio)·other, clamped to [0, 1] (torchvision's _blend on floats)."""
-    return (ratio * x + (1 - ratio) * other).clamp(0, 1)
+def _where_apply(mask, fn, x):
+    """fn(x) where mask (one bool per image), x elsewhere; x is a tensor of augment_batch's own, changed
+    in place on a CPU, where fn runs on the selected images only; on a GPU fn runs on all of them, then
+    torch.where selects (no data-dependent shape, hence no host sync)."""
+    if x.device.type == "cpu":
+        idx = mask.nonzero().view(-1)
+        x[idx] = fn(x[idx], idx)
+        return x
+    return torch.where(mask.view(-1, 1, 1, 1), fn(x, slice(None)), x)
 
 
 def adjust_hue(x, shift):
@@ -703,7 +725,7 @@ def adjust_hue(x, shift):
     moves by 6·shift, max and min channel kept; written in sextants instead of the RGB → HSV → RGB
     round trip (the same to ~1e-6, fewer tensor operations)."""
     r, g, b = x.unbind(1)
-    mn, mx = torch.aminmax(x, dim=1)
+    mx, mn = torch.maximum(torch.maximum(r, g), b), torch.minimum(torch.minimum(r, g), b)
     d = mx - mn
     h6 = torch.where(mx == r, g - b, torch.where(mx == g, b - r + 2 * d, r - g + 4 * d))
     h6 = (h6 / torch.where(d == 0, 1.0, d) + 6 * shift.view(-1, 1, 1)).remainder(6.0)
@@ -714,20 +736,16 @@ def adjust_hue(x, shift):
 def color_jitter(x, on, order, factors):
     """ColorJitter(0.4, 0.4, 0.2, 0.1) per sample where on: in round r each view gets the operation
     order[:, r] names (0 brightness, 1 contrast, 2 saturation, 3 hue) with its factor. The three blends
-    share one evaluation per round (with black, the image's mean grey, its grey image); hue is computed
-    for the views that need it (on a GPU for all, then selected: no data-dependent shape, no sync)."""
+    with black, the image's mean grey or its grey image (torchvision's _blend, clamped to [0, 1]) are
+    one blend per round, with factor 1 for the views that do not blend (1·x + 0·target: x exactly)."""
     on = on.view(-1, 1, 1, 1)
     for r in range(4):
         op = order[:, r].view(-1, 1, 1, 1)
         gray = _gray(x)
         target = torch.where(op == 2, gray, gray.mean((1, 2, 3), keepdim=True)) * (op != 0)
-        blended = _blend(x, target, factors.gather(1, order[:, r:r + 1]).view(-1, 1, 1, 1))
-        x = torch.where(on & (op < 3), blended, x)
-        if x.device.type == "cpu":  # a fifth of the views: hue only where needed
-            idx = (on & (op == 3)).view(-1).nonzero().view(-1)
-            x[idx] = adjust_hue(x[idx], factors[idx, 3])
-        else:
-            x = torch.where(on & (op == 3), adjust_hue(x, factors[:, 3]), x)
+        ratio = torch.where(on & (op < 3), factors.gather(1, order[:, r:r + 1]).view(-1, 1, 1, 1), 1.0)
+        x = (ratio * x).add_((1 - ratio) * target).clamp_(0, 1)  # torchvision's _blend, exactly
+        x = _where_apply((on & (op == 3)).view(-1), lambda y, idx: adjust_hue(y, factors[idx, 3]), x)
     return x
 
 
@@ -736,12 +754,12 @@ def augment_batch(images, params):
     parameters, in ssl_augment()'s order: crop and resize, flip, colour jitter, grayscale, solarize
     (values ≥ 128/255: the uint8 pipeline's ≥ 128), normalise."""
     p = params
-    x = resized_crop(images.float(), p["top"], p["left"], p["height"], p["width"], 32, p["flip"]) / 255
+    x = resized_crop(images.float(), p["top"], p["left"], p["height"], p["width"], 32, p["flip"]).div_(255)
     x = color_jitter(x, p["jitter"], p["jitter_order"], p["factors"])
-    x = torch.where(p["grayscale"].view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
-    x = torch.where(p["solarize"].view(-1, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)
-    mean = torch.tensor(CIFAR_MEAN, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / torch.tensor(CIFAR_STD, device=x.device).view(1, 3, 1, 1)
+    x = _where_apply(p["grayscale"], lambda y, idx: _gray(y).expand_as(y), x)
+    x = _where_apply(p["solarize"], lambda y, idx: torch.where(y >= 128 / 255, 1 - y, y), x)
+    std = torch.tensor(CIFAR_STD, device=x.device).view(1, 3, 1, 1)
+    return torch.addcdiv(torch.tensor(CIFAR_MEAN, device=x.device).view(1, 3, 1, 1) / -std, x, std)
 
 
 def batched_epoch(images, labels, seed, epoch, global_batch, rank, world):
@@ -824,7 +842,7 @@ class SSLModel(nn.Module):
 
 def make_optimizer(model, args):
     if args.optimizer == "lars":
-        return LARS(model.parameters(), lr=args.lr, weight_decay=args.wd)
+        return LARS(model.parameters(), lr=args.lr, weight_decay=args.wd, convention=args.lars)
     decay = [p for p in model.parameters() if p.ndim > 1]
     rest = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": args.wd}, {"params": rest, "weight_decay": 0.0}]
@@ -835,12 +853,17 @@ def make_optimizer(model, args):
 # evaluation: kNN monitor, linear probes
 
 @torch.no_grad()
-def features(backbone, images, device, batch=512):
-    """Backbone features of clean (un-augmented) images, in eval mode."""
-    backbone.eval()
-    out = [backbone(normalize_clean(images[i:i + batch], device)).float()
-           for i in range(0, len(images), batch)]
-    backbone.train()
+def features(network, images, device, params=None, batch=512):
+    """Outputs of network (in eval mode) on clean images, or on their views drawn with params
+    (sample_view_params' rows for these images)."""
+    network.eval()
+    out = []
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch].to(device, non_blocking=True)
+        x = normalize_clean(x, device) if params is None else augment_batch(x, {k: t[i:i + batch] for k, t in
+                                                                                 params.items()})
+        out.append(network(x).float())
+    network.train()
     return torch.cat(out)
 
 
@@ -865,15 +888,31 @@ def all_gather_cat(x, world):
     return torch.cat(out)
 
 
-def sharded_features(backbone, images, device, rank, world):
-    """Features of all images, each rank computing a contiguous shard (then all-gathered)."""
+def sharded_features(network, images, device, rank, world, params=None):
+    """features() of all images, each rank computing a contiguous shard (then all-gathered)."""
     per = math.ceil(len(images) / world)
-    local = features(backbone, images[rank * per:(rank + 1) * per], device)
+    shard = slice(rank * per, (rank + 1) * per)
+    local = features(network, images[shard], device, None if params is None else
+                     {k: t[shard] for k, t in params.items()})
     if world == 1:
         return local
     padded = torch.zeros(per, local.shape[1], device=device)
     padded[:len(local)] = local
     return all_gather_cat(padded, world)[:len(images)]
+
+
+def view_correlations(model, images, lam, seed, epoch, device, rank, world):
+    """Canonical correlations of the embeddings of two augmented views of every training image (a
+    sample large against k, unlike a batch or the running moments) against their null, the same pairs
+    shuffled across images (peira.canonical_correlations_with_null): the level at which the sample
+    sees a direction; how many directions pass it, and how many of those PEIRA keeps (s > λ²)."""
+    gen = torch.Generator(device=device).manual_seed((seed * 1_000_003 + epoch) * 100_003 + 99_991)
+    embed = nn.Sequential(model.backbone, model.projector)
+    u, v = (sharded_features(embed, images, device, rank, world, sample_view_params(len(images), gen))
+            for _ in range(2))
+    corr, null = peira.canonical_correlations_with_null(u, v, torch.Generator(device=device).manual_seed(epoch))
+    return {"null_level": null[0].item(), "signal_dims": int((corr > null[0]).sum()),
+            "kept_dims": int((corr > max(null[0].item(), lam ** 2)).sum()), "corr_top": corr[0].item()}
 
 
 def sgd_passes(classifier, opt, feats, labels, passes, gen, batch, sched=None, desc=None):
@@ -1143,7 +1182,8 @@ def main(argv=None):
             with torch.no_grad():
                 probe_acc = (probe(test_feat).argmax(1) == test_labels).float().mean().item()
             peira_loss.all_reduce_moments()  # the monitor of the other losses: each rank's moments
-            stats = peira_loss.stats()
+            stats = {**peira_loss.stats(), **view_correlations(model, train_x, args.lam, args.seed, epoch, device,
+                                                               rank, world)}
             std = embedding_spread(z)  # the last batch's embeddings of view 1
             record = {"epoch": epoch + 1, "knn": knn, "online_probe": probe_acc, "loss": loss_value,
                       "lr": lr, "img_per_s": seen / epoch_time, "epoch_time": epoch_time,
@@ -1157,13 +1197,14 @@ def main(argv=None):
                 if std < COLLAPSE_STD:
                     print(f"warning: embeddings collapsing at epoch {epoch + 1}: √k·std of normalised "
                           f"embeddings {std:.3f}")
-                if args.loss == "peira" and stats["kept"] < KEPT_WARN:
-                    print(f"warning: λ {args.lam} keeps {stats['kept']:.0%} of the {proj[-1]} directions "
-                          f"(canonical correlation > λ²): PEIRA is switching the others off; a smaller "
-                          f"--lam keeps them (README: Choosing λ)")
+                if args.loss == "peira" and stats["kept_dims"] < KEPT_WARN * stats["signal_dims"]:
+                    print(f"warning: λ {args.lam} keeps {stats['kept_dims']} of the {stats['signal_dims']} "
+                          f"directions whose correlation the training images show above their null (s > λ²): "
+                          f"PEIRA is switching the others off; a smaller --lam keeps them")
                 print(f"epoch {epoch + 1}: loss {loss_value:.4f}  kNN {100 * knn:.2f}%  "
                       f"probe {100 * probe_acc:.2f}%  objective {stats['objective']:.4f}  "
-                      f"rank(N) {stats['rank_N']:.1f}  {seen / epoch_time:.0f} img/s")
+                      f"rank(N) {stats['rank_N']:.1f}  directions seen {stats['signal_dims']} "
+                      f"(null {stats['null_level']:.2f})  {seen / epoch_time:.0f} img/s")
                 metrics.write(json.dumps(record) + "\n")
                 save_checkpoint(ckpt_path, {"model": model.state_dict(), "probe": probe.state_dict(),
                                             "peira": peira_loss.state_dict(), "opt": opt.state_dict(),

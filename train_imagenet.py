@@ -56,6 +56,8 @@ parser.add_argument("--epochs", type=int, default=100)
 parser.add_argument("--batch-size", type=int, default=2048, help="global batch per optimiser step")
 parser.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimiser step and rank")
 parser.add_argument("--lr", type=float, help="peak LARS learning rate; " + RECIPE)
+parser.add_argument("--lars", default="vicreg", choices=["vicreg", "solo-learn"],
+                    help="LARS's trust-ratio convention, named after the code it comes from (see LARS)")
 parser.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine; " + RECIPE)
 parser.add_argument("--wd", type=float, help=RECIPE)
 parser.add_argument("--warmup-epochs", type=float, help=RECIPE)
@@ -155,12 +157,21 @@ def ssl_loss(name, z1, z2, p1, p2, peira_loss, lam, world):
     return vicreg_loss(z1, z2, world)
 
 
-class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise trust ratio; parameters with ndim ≤ 1 (biases, norms)
-    get neither weight decay nor the trust ratio."""
+LARS_CONVENTIONS = ("vicreg", "solo-learn")
 
-    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, trust=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust=trust))
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and a layer-wise trust ratio q: the step is lr · q · (g + wd·p), momentum on
+    it; parameters with ndim ≤ 1 (biases, norms) get neither weight decay nor the trust ratio. Two
+    conventions, which differ by up to 500× at a small lr:
+      vicreg      q = 0.001 ‖p‖ / ‖g + wd·p‖ (VICReg's official code: the trust multiplies lr);
+      solo-learn  q = min(0.02 ‖p‖ / (‖g‖ + wd‖p‖) / lr, 1) (solo-learn's, from Lightning Bolts, with its
+                  configs' eta 0.02 and clip_lars_lr: a layer moves by at most lr · ‖g + wd·p‖)."""
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, convention="vicreg"):
+        if convention not in LARS_CONVENTIONS:
+            raise ValueError(f"LARS convention must be one of {LARS_CONVENTIONS}, got {convention!r}")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, convention=convention))
 
     @torch.no_grad()
     def step(self):
@@ -170,9 +181,13 @@ class LARS(torch.optim.Optimizer):
                     continue
                 d = p.grad
                 if p.ndim > 1:
+                    pn, gn = p.norm(), d.norm()
                     d = d.add(p, alpha=g["weight_decay"])
-                    pn, dn = p.norm(), d.norm()
-                    d = d.mul(torch.where((pn > 0) & (dn > 0), g["trust"] * pn / dn, 1.0))
+                    if g["convention"] == "vicreg":
+                        q = 0.001 * pn / d.norm()
+                    else:
+                        q = (0.02 * pn / (gn + g["weight_decay"] * pn + 1e-8) / g["lr"]).clamp(max=1.0)
+                    d = d.mul(torch.where((pn > 0) & (gn > 0), q, 1.0))
                 buf = self.state[p].setdefault("mu", torch.zeros_like(p))
                 buf.mul_(g["momentum"]).add_(d)
                 p.add_(buf, alpha=-g["lr"])
@@ -732,7 +747,7 @@ def main(argv=None):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # the loss of --loss peira; with --loss vicreg it only monitors the PEIRA objective (train_step)
     peira_loss = peira.PEIRALoss(proj[-1], lam=args.lam, eta=args.eta_start).to(device)
-    opt = LARS(model.parameters(), lr=args.lr, weight_decay=args.wd)
+    opt = LARS(model.parameters(), lr=args.lr, weight_decay=args.wd, convention=args.lars)
     probe_opt = torch.optim.SGD(probe.parameters(), lr=0.1, momentum=0.9)
     start_epoch = restore(ckpt, {"model": model, "probe": probe, "peira": peira_loss, "opt": opt,
                                  "probe_opt": probe_opt})

@@ -1,0 +1,408 @@
+"""Real-image SSL benchmark on a CPU: PEIRA, SimSiam and VICReg on CIFAR-10 (or digits), one budget.
+
+    python bench_images.py --data DIR --tune             # validation split: each loss's trials, the choice
+    python bench_images.py --data DIR --seeds 0,1,2      # test images: the chosen settings, table, figures
+    python bench_images.py --dataset digits --tune       # the same on scikit-learn's digits (no download)
+
+DIR holds CIFAR-10 as train_cifar.py reads it: torchvision's cifar-10-batches-py, or an image folder
+(train/<class>/*.jpg, test/<class>/*.jpg). The benchmark writes its splits once, in CIFAR-10's on-disk
+format, into --out: a class-balanced training subset of --train-size images; for --tune, --val-size
+other training images as validation split (the test images are not written); otherwise the 10,000
+test images. Every run is `train_cifar.py` with the same CPU setting (SETTING: width, projector,
+batch, epochs, augmentations) and its loss's own objective and optimiser; a finished run is reused.
+
+--tune runs TRIALS on the validation split (seed 0): the same number of trials for every loss (its
+learning rate, LARS convention, and λ for PEIRA), and writes tuned.json: each loss's trial with the
+best offline linear probe. Without --tune the runs use tuned.json and report, on the test images:
+the offline linear probe on frozen features (primary; 100 epochs of SGD on L2-normalised backbone
+features), kNN (cosine, k 20 and T 0.07 as solo-learn; k 200 and T 0.1 as InstDisc), the kNN monitor
+of the first and last epoch, rank(N), the directions the training images show above their null,
+corr(PEIRA objective, test kNN) over epochs and P–S alignment; raw pixels and the untrained network
+through the same kNN and probe; per loss mean ± std over seeds and PEIRA − each baseline as paired
+differences with a 95% t interval. Writes results_SPLIT.json, knn_by_epoch_SPLIT.png,
+objective_vs_knn_SPLIT.png, alignment_by_epoch_SPLIT.png and, with --tune, lam_sweep.png.
+
+Digits: the UCI handwritten digits that scikit-learn ships (1797 scans of 8×8 pixels; E. Alpaydin and
+C. Kaynak, "Optical Recognition of Handwritten Digits", UCI Machine Learning Repository, 1998),
+upsampled to 32×32 RGB; 300 test images, 300 validation images. CIFAR-10: A. Krizhevsky, "Learning
+Multiple Layers of Features from Tiny Images", tech. report, University of Toronto, 2009.
+"""
+import argparse
+import json
+import math
+import os
+import pickle
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import train_cifar
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser.add_argument("--dataset", default="cifar10", choices=["cifar10", "digits"])
+parser.add_argument("--data", default="./data", help="CIFAR-10 (train_cifar.py --data); unused for digits")
+parser.add_argument("--out", help="output folder (default out/bench_DATASET)")
+parser.add_argument("--tune", action="store_true", help="run every loss's trials on the validation split")
+parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (test split)")
+parser.add_argument("--losses", default="peira,simsiam,vicreg", help="comma-separated losses to compare")
+parser.add_argument("--train-size", type=int, help="training images (default: SETTING's)")
+parser.add_argument("--epochs", type=int, help="epochs per run (default: SETTING's)")
+parser.add_argument("--probe-epochs", type=int, default=100, help="offline linear probe epochs")
+
+# the CPU setting, the same for every loss (train_cifar.py flags); chosen by measurement (README)
+SETTING = {"cifar10": dict(train_size=5000, val_size=2000, epochs=10, width=16, proj="128-128-64", batch=128),
+           "digits": dict(train_size=1197, val_size=300, epochs=20, width=16, proj="128-128-64", batch=128)}
+# the trials of each loss on the validation split: the same number for every loss
+TRIALS = {
+    "peira": [{"lam": 0.03}, {"lam": 0.1}, {"lam": 0.3}, {"lam": 0.7}, {"lam": 0.1, "lars": "solo-learn"}],
+    "vicreg": [{"lr": 0.1}, {"lr": 0.3}, {"lr": 1.0}, {"lr": 0.3, "lars": "solo-learn"},
+               {"lr": 1.0, "lars": "solo-learn"}],
+    "simsiam": [{"lr_per_256": x} for x in (0.015, 0.03, 0.06, 0.12, 0.24)],  # SGD (its recipe: 0.03)
+}
+LAM_SWEEP = (0.03, 0.1, 0.3, 0.7)  # PEIRA's λ trials, drawn against rank and accuracy
+KNN_SETTINGS = {"knn_k20": (20, 0.07), "knn_k200": (200, 0.1)}
+
+
+# -----------------------------------------------------------------------------
+# data: the splits, written once in CIFAR-10's on-disk format
+
+def digits_as_cifar(size=32):
+    """uint8 images (1797, 3, size, size) and labels: the 8×8 scans (17 grey levels) rescaled to
+    0..255, upsampled bilinearly, grey copied to the three colour channels."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    x = torch.from_numpy(digits.images).float()[:, None] * (255 / 16)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = x.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1)
+    return x.contiguous(), torch.from_numpy(digits.target).long()
+
+
+def stratified_split(labels, size, seed=0):
+    """Indices (rest, chosen): `size` images, as equal a share of each class as possible, and the rest."""
+    gen = torch.Generator().manual_seed(seed)
+    chosen = []
+    for i, c in enumerate(labels.unique()):
+        members = (labels == c).nonzero().flatten()
+        take = size // 10 + (i < size % 10)
+        chosen.append(members[torch.randperm(len(members), generator=gen)[:take]])
+    chosen = torch.cat(chosen)
+    is_chosen = torch.zeros(len(labels), dtype=torch.bool)
+    is_chosen[chosen] = True
+    rest = (~is_chosen).nonzero().flatten()
+    return rest[torch.randperm(len(rest), generator=gen)], chosen[torch.randperm(len(chosen), generator=gen)]
+
+
+def write_cifar_format(root, train_x, train_y, test_x, test_y, classes):
+    """root/cifar-10-batches-py as CIFAR-10's python version lays it out: five training batches,
+    one test batch (dicts with 'data' (N, 3072) uint8, channel-major, and 'labels'), batches.meta."""
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder, exist_ok=True)
+
+    def dump(name, entry):
+        with open(os.path.join(folder, name), "wb") as fh:
+            pickle.dump(entry, fh)
+
+    for i, part in enumerate(np.array_split(np.arange(len(train_x)), 5)):
+        dump(f"data_batch_{i + 1}", {"batch_label": f"training batch {i + 1} of 5",
+                                     "data": train_x[part].reshape(len(part), -1).numpy(),
+                                     "labels": train_y[part].tolist()})
+    dump("test_batch", {"batch_label": "testing batch 1 of 1",
+                        "data": test_x.reshape(len(test_x), -1).numpy(), "labels": test_y.tolist()})
+    dump("batches.meta", {"label_names": list(classes), "num_vis": 3 * 32 * 32,
+                          "num_cases_per_batch": -(-len(train_x) // 5)})
+    return folder
+
+
+def build_split(args, setting, split):
+    """Write the split's data into --out once and return its folder: a class-balanced training subset,
+    and the validation images (held out from the training images) or the test images."""
+    root = os.path.join(args.out, f"data-{split}")
+    key = {"dataset": args.dataset, "split": split, "train_size": setting["train_size"],
+           "val_size": setting["val_size"]}
+    if os.path.exists(os.path.join(root, "cifar-10-batches-py", "batches.meta")):
+        with open(os.path.join(root, "split.json")) as fh:
+            if json.load(fh) != key:
+                raise SystemExit(f"{root} holds another split than {key}: use another --out")
+        return root
+    if args.dataset == "digits":
+        x, y = digits_as_cifar()
+        rest, test = stratified_split(y, 300)
+        train_x, train_y, test_x, test_y = x[rest], y[rest], x[test], y[test]
+        classes = [str(d) for d in range(10)]
+    else:
+        train_x, train_y, test_x, test_y = train_cifar.load_splits(args.data, 0)
+        classes = train_cifar.CIFAR10_CLASSES
+    rest, val = stratified_split(train_y, setting["val_size"], seed=1)
+    if split == "validation":
+        test_x, test_y = train_x[val], train_y[val]
+    _, train = stratified_split(train_y[rest], setting["train_size"], seed=2)
+    train = rest[train]  # never a validation image, whatever the split
+    os.makedirs(root, exist_ok=True)
+    write_cifar_format(root, train_x[train], train_y[train], test_x, test_y, classes)
+    with open(os.path.join(root, "split.json"), "w") as fh:
+        json.dump(key, fh)
+    return root
+
+
+# -----------------------------------------------------------------------------
+# runs: one train_cifar.py run per (loss, trial, seed); offline evaluation of its checkpoint
+
+def trial_name(loss, trial):
+    return "-".join([loss] + [f"{k}{v}" for k, v in sorted(trial.items())])
+
+
+def run_argv(data, out, loss, trial, seed, setting):
+    argv = ["--tiny", "--subset", "0", "--workers", "0", "--data", data, "--out", out, "--loss", loss,
+            "--seed", str(seed), "--epochs", str(setting["epochs"]), "--width", str(setting["width"]),
+            "--proj", setting["proj"], "--batch-size", str(setting["batch"])]
+    for key, value in trial.items():
+        if key == "lr_per_256":  # SimSiam's SGD learning rate scales with the batch
+            key, value = "lr", value * setting["batch"] / 256
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+def train_run(argv):
+    """One train_cifar.py run; its per-epoch records. A run whose results.json exists with the same
+    settings is read back instead of trained again."""
+    out = argv[argv.index("--out") + 1]
+    config = os.path.join(out, "config.json")
+    if os.path.exists(os.path.join(out, "results.json")) and os.path.exists(config):
+        with open(config) as fh:
+            saved = json.load(fh)
+        now = train_cifar.parse_args(argv)
+        train_cifar.check_args(now)  # the recipe's values, as saved
+        if all(saved.get(k) == v for k, v in vars(now).items()):
+            return [r for r in train_cifar.metrics_records(os.path.join(out, "metrics.jsonl")) if "knn" in r]
+    print(f"\n== train_cifar.py {' '.join(argv)}", flush=True)
+    return train_cifar.main(argv)
+
+
+def evaluate(train_feat, train_y, test_feat, test_y, probe_epochs, seed=0):
+    """Offline linear probe and both kNN on L2-normalised features."""
+    train_feat, test_feat = F.normalize(train_feat, dim=1), F.normalize(test_feat, dim=1)
+    top1, _ = train_cifar.linear_probe(train_feat, train_y, test_feat, test_y, probe_epochs, seed)
+    out = {"linear_probe": top1}
+    for name, (k, t) in KNN_SETTINGS.items():
+        out[name] = train_cifar.knn_accuracy(train_feat, train_y, test_feat, test_y, k=k, t=t)
+    return out
+
+
+def evaluate_run(out, data, probe_epochs):
+    """evaluate() of a run's final backbone on its data (cached in out/evaluation.json)."""
+    path = os.path.join(out, "evaluation.json")
+    ckpt = train_cifar.read_checkpoint(os.path.join(out, "ckpt.pt"))
+    if os.path.exists(path):
+        with open(path) as fh:
+            cached = json.load(fh)
+        if cached.get("epoch") == ckpt["epoch"] and cached.get("probe_epochs") == probe_epochs:
+            return cached
+    cfg = ckpt["config"]
+    model = train_cifar.SSLModel(cfg["loss"], cfg["width"], [int(d) for d in cfg["proj"].split("-")])
+    model.load_state_dict(ckpt["model"])
+    result = {**backbone_evaluation(model.backbone, data, probe_epochs), "epoch": ckpt["epoch"],
+              "probe_epochs": probe_epochs}
+    with open(path, "w") as fh:
+        json.dump(result, fh)
+    return result
+
+
+def backbone_evaluation(backbone, data, probe_epochs):
+    train_x, train_y, test_x, test_y = train_cifar.load_splits(data, 0)
+    device = torch.device("cpu")
+    feats = [train_cifar.features(backbone, x, device) for x in (train_x, test_x)]
+    return evaluate(feats[0], train_y, feats[1], test_y, probe_epochs)
+
+
+def references(data, setting, probe_epochs, seed=0):
+    """The scale: raw normalised pixels, and the network at initialisation, through evaluate()."""
+    train_x, train_y, test_x, test_y = train_cifar.load_splits(data, 0)
+    pixels = [train_cifar.normalize_clean(x, torch.device("cpu")).flatten(1) for x in (train_x, test_x)]
+    torch.manual_seed(seed)
+    proj = [int(d) for d in setting["proj"].split("-")]
+    backbone = train_cifar.SSLModel("peira", setting["width"], proj).backbone
+    return {"raw pixels": evaluate(pixels[0], train_y, pixels[1], test_y, probe_epochs),
+            "network at initialisation": backbone_evaluation(backbone, data, probe_epochs)}
+
+
+def summary(history, evaluation):
+    """One run: the offline evaluation, and the per-epoch monitor's first and last values."""
+    first, last = history[0], history[-1]
+    objective, knn = [h["objective"] for h in history], [h["knn"] for h in history]
+    corr = float(np.corrcoef(objective, knn)[0, 1]) if len(history) > 2 and np.std(objective) > 0 else math.nan
+    return {**{k: evaluation[k] for k in ("linear_probe", *KNN_SETTINGS)}, "knn_first": first["knn"],
+            "knn_last": last["knn"], "rank_N": last["rank_N"], "signal_dims": last["signal_dims"],
+            "null_level": last["null_level"], "alignment_first": first["alignment"],
+            "alignment_last": last["alignment"], "objective_knn_corr": corr,
+            "train_time_s": float(sum(h["epoch_time"] for h in history))}
+
+
+# -----------------------------------------------------------------------------
+# statistics, table and figures
+
+def mean_std(rows, key):
+    values = np.array([r[key] for r in rows], float)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else math.nan
+
+
+def paired_difference(a, b, key):
+    """Mean of the per-seed differences a − b and its 95% t interval (n − 1 degrees of freedom)."""
+    from scipy.stats import t as student
+    d = np.array([x[key] - y[key] for x, y in zip(a, b)], float)
+    if len(d) < 2:
+        return float(d.mean()), math.nan, math.nan
+    half = student.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
+
+
+def print_table(groups, refs):
+    cols = [("linear_probe", "linear probe"), ("knn_k20", "kNN k20"), ("knn_k200", "kNN k200"),
+            ("knn_first", "kNN epoch 1"), ("knn_last", "kNN last epoch")]
+    print("\n| run | seeds | " + " | ".join(f"{c} (%)" for _, c in cols)
+          + " | rank(N) | directions seen | corr(objective, kNN) | alignment first → last | time (s) |")
+    print("|---|---|" + "---|" * (len(cols) + 5))
+    for label, rows in groups.items():
+        cells = [f"{100 * m:.1f} ± {100 * s:.1f}" for m, s in (mean_std(rows, k) for k, _ in cols)]
+        print(f"| {label} | {len(rows)} | " + " | ".join(cells)
+              + f" | {mean_std(rows, 'rank_N')[0]:.1f} | {mean_std(rows, 'signal_dims')[0]:.1f} | "
+              f"{mean_std(rows, 'objective_knn_corr')[0]:+.2f} | {mean_std(rows, 'alignment_first')[0]:.2f} → "
+              f"{mean_std(rows, 'alignment_last')[0]:.2f} | {mean_std(rows, 'train_time_s')[0]:.0f} |")
+    for label, ev in refs.items():
+        print(f"| {label} (no training) | — | {100 * ev['linear_probe']:.1f} | {100 * ev['knn_k20']:.1f} | "
+              f"{100 * ev['knn_k200']:.1f} | | | | | | | |")
+
+
+def print_differences(groups, reference):
+    if reference not in groups:
+        return
+    print(f"\n| paired difference (seeds) | " + " | ".join(f"{k} (pts, 95% interval)" for k in
+                                                          ("linear_probe", *KNN_SETTINGS)) + " |")
+    print("|---|---|---|---|")
+    for label, rows in groups.items():
+        if label != reference:
+            cells = []
+            for key in ("linear_probe", *KNN_SETTINGS):
+                m, lo, hi = paired_difference(groups[reference], rows, key)
+                cells.append(f"{100 * m:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
+            print(f"| {reference} − {label} ({len(rows)}) | " + " | ".join(cells) + " |")
+
+
+def plot(histories, groups, split, out):
+    """kNN by epoch per loss (seed means), the PEIRA objective against test kNN over the epochs of
+    each PEIRA run (the talk's first CIFAR-10 figure), P–S alignment by epoch (its second)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    for key, ylabel, name in (("knn", "kNN monitor, k 200 (%)", "knn_by_epoch"),
+                              ("alignment", "alignment of P with S", "alignment_by_epoch")):
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for i, (label, runs) in enumerate(histories.items()):
+            values = np.mean([[h[key] for h in run] for run in runs], axis=0) * (100 if key == "knn" else 1)
+            ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, color=f"C{i}", label=label)
+        ax.set(xlabel="epoch", ylabel=ylabel, title=split)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, f"{name}_{split}.png"), dpi=120)
+        plt.close(fig)
+    peira_runs = next((runs for label, runs in histories.items() if label.startswith("peira")), None)
+    if peira_runs:
+        label = next(label for label in histories if label.startswith("peira"))
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for s, (run, row) in enumerate(zip(peira_runs, groups[label])):
+            ax.plot([100 * h["knn"] for h in run], [h["objective"] for h in run], marker="o", ms=3,
+                    label=f"seed {s}: corr {row['objective_knn_corr']:+.2f}")
+        ax.set(xlabel="test kNN (%)", ylabel="PEIRA objective (running moments)", title=f"{label}, {split}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, f"objective_vs_knn_{split}.png"), dpi=120)
+        plt.close(fig)
+
+
+def plot_lam_sweep(rows, out):
+    """Linear probe and effective rank of N at the last epoch against λ (validation split)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.plot(LAM_SWEEP, [100 * r["linear_probe"] for r in rows], marker="o", label="linear probe (%)")
+    ax.plot(LAM_SWEEP, [100 * r["knn_k20"] for r in rows], marker="s", label="kNN k20 (%)")
+    ax.set(xscale="log", xlabel="λ", ylabel="validation accuracy (%)")
+    twin = ax.twinx()
+    twin.plot(LAM_SWEEP, [r["rank_N"] for r in rows], marker="^", color="C3")
+    twin.plot(LAM_SWEEP, [r["signal_dims"] for r in rows], marker="v", color="C4")
+    twin.set_ylabel("rank(N) (▲), directions seen (▼)")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "lam_sweep.png"), dpi=120)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    args.out = args.out or os.path.join("out", f"bench_{args.dataset}")
+    setting = dict(SETTING[args.dataset])
+    setting.update({k: getattr(args, k) for k in ("train_size", "epochs") if getattr(args, k)})
+    losses = [x for x in args.losses.split(",") if x]
+    try:
+        seeds = [0] if args.tune else [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds takes comma-separated integers (got {args.seeds!r})")
+    if any(x not in TRIALS for x in losses) or setting["epochs"] < 2:
+        parser.error(f"--losses from {', '.join(TRIALS)} (got {args.losses!r}); --epochs ≥ 2")
+    split = "validation" if args.tune else "test"
+    os.makedirs(args.out, exist_ok=True)
+    data = build_split(args, setting, split)
+    tuned_path = os.path.join(args.out, "tuned.json")
+    if args.tune:
+        plan = [(loss, trial) for loss in losses for trial in TRIALS[loss]]
+    elif os.path.exists(tuned_path):
+        with open(tuned_path) as fh:
+            tuned = json.load(fh)
+        plan = [(loss, tuned[loss]) for loss in losses]
+    else:
+        raise SystemExit(f"{tuned_path} is missing: run with --tune first (the settings are chosen on "
+                         f"the validation split, never on the test images)")
+    t0 = time.time()
+
+    # runs, then the offline evaluation of each
+    histories, groups = {}, {}
+    for loss, trial in plan:
+        label = trial_name(loss, trial)
+        for seed in seeds:
+            out = os.path.join(args.out, f"runs-{split}", f"{label}-seed{seed}")
+            history = train_run(run_argv(data, out, loss, trial, seed, setting))
+            histories.setdefault(label, []).append(history)
+            groups.setdefault(label, []).append(summary(history, evaluate_run(out, data, args.probe_epochs)))
+    refs = references(data, setting, args.probe_epochs)
+
+    # choice (validation), table, differences, figures
+    print(f"\n{args.dataset}, {split} split, {setting}, seeds {seeds}, {time.time() - t0:.0f} s")
+    print_table(groups, refs)
+    result = {"split": split, "setting": setting, "seeds": seeds, "references": refs, "runs": groups}
+    if args.tune:
+        tuned = {}
+        for loss in losses:
+            best = max(TRIALS[loss], key=lambda t: groups[trial_name(loss, t)][0]["linear_probe"])
+            tuned[loss] = best
+            print(f"{loss}: chosen {best} (validation linear probe "
+                  f"{100 * groups[trial_name(loss, best)][0]['linear_probe']:.1f}%)")
+        with open(tuned_path, "w") as fh:
+            json.dump(tuned, fh, indent=1)
+        if "peira" in losses:
+            plot_lam_sweep([groups[trial_name("peira", {"lam": lam})][0] for lam in LAM_SWEEP], args.out)
+        result["tuned"] = tuned
+    else:
+        print_differences(groups, trial_name("peira", tuned["peira"]) if "peira" in losses else None)
+        plot(histories, groups, split, args.out)
+    with open(os.path.join(args.out, f"results_{split}.json"), "w") as fh:
+        json.dump(result, fh, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
