@@ -166,17 +166,22 @@ def run_argv(data, out, loss, trial, seed, setting):
 
 
 def train_run(argv):
-    """One train_cifar.py run; its per-epoch records. A run whose results.json exists with the same
-    settings is read back instead of trained again."""
+    """One train_cifar.py run; its per-epoch records. A finished run (results.json, every epoch in
+    metrics.jsonl, the same settings) is read back instead of trained again; anything else in its
+    folder is cleared first, so that an interrupted run is never taken for a finished one."""
     out = argv[argv.index("--out") + 1]
-    config = os.path.join(out, "config.json")
-    if os.path.exists(os.path.join(out, "results.json")) and os.path.exists(config):
+    now = train_cifar.parse_args(argv)
+    train_cifar.check_args(now)  # the recipe's values, as saved
+    config, results = os.path.join(out, "config.json"), os.path.join(out, "results.json")
+    if os.path.exists(results) and os.path.exists(config):
         with open(config) as fh:
             saved = json.load(fh)
-        now = train_cifar.parse_args(argv)
-        train_cifar.check_args(now)  # the recipe's values, as saved
-        if all(saved.get(k) == v for k, v in vars(now).items()):
-            return [r for r in train_cifar.metrics_records(os.path.join(out, "metrics.jsonl")) if "knn" in r]
+        history = [r for r in train_cifar.metrics_records(os.path.join(out, "metrics.jsonl")) if "knn" in r]
+        if all(saved.get(k) == v for k, v in vars(now).items()) and len(history) == now.epochs:
+            return history
+    for name in ("results.json", "evaluation.json"):
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
     print(f"\n== train_cifar.py {' '.join(argv)}", flush=True)
     return train_cifar.main(argv)
 
@@ -198,13 +203,14 @@ def evaluate_run(out, data, probe_epochs):
     if os.path.exists(path):
         with open(path) as fh:
             cached = json.load(fh)
-        if cached.get("epoch") == ckpt["epoch"] and cached.get("probe_epochs") == probe_epochs:
+        if (cached.get("epoch"), cached.get("probe_epochs"), cached.get("config")) == (
+                ckpt["epoch"], probe_epochs, ckpt["config"]):
             return cached
     cfg = ckpt["config"]
     model = train_cifar.SSLModel(cfg["loss"], cfg["width"], [int(d) for d in cfg["proj"].split("-")])
     model.load_state_dict(ckpt["model"])
     result = {**backbone_evaluation(model.backbone, data, probe_epochs), "epoch": ckpt["epoch"],
-              "probe_epochs": probe_epochs}
+              "probe_epochs": probe_epochs, "config": cfg}
     with open(path, "w") as fh:
         json.dump(result, fh)
     return result
@@ -232,7 +238,9 @@ def summary(history, evaluation):
     """One run: the offline evaluation, and the per-epoch monitor's first and last values."""
     first, last = history[0], history[-1]
     objective, knn = [h["objective"] for h in history], [h["knn"] for h in history]
-    corr = float(np.corrcoef(objective, knn)[0, 1]) if len(history) > 2 and np.std(objective) > 0 else math.nan
+    corr = math.nan
+    if len(history) > 2 and np.std(objective) > 0:
+        corr = float(np.corrcoef(objective, knn)[0, 1])
     return {**{k: evaluation[k] for k in ("linear_probe", *KNN_SETTINGS)}, "knn_first": first["knn"],
             "knn_last": last["knn"], "rank_N": last["rank_N"], "signal_dims": last["signal_dims"],
             "null_level": last["null_level"], "alignment_first": first["alignment"],
@@ -268,7 +276,8 @@ def print_table(groups, refs):
         cells = [f"{100 * m:.1f} ± {100 * s:.1f}" for m, s in (mean_std(rows, k) for k, _ in cols)]
         print(f"| {label} | {len(rows)} | " + " | ".join(cells)
               + f" | {mean_std(rows, 'rank_N')[0]:.1f} | {mean_std(rows, 'signal_dims')[0]:.1f} | "
-              f"{mean_std(rows, 'objective_knn_corr')[0]:+.2f} | {mean_std(rows, 'alignment_first')[0]:.2f} → "
+              f"{mean_std(rows, 'objective_knn_corr')[0]:+.2f} | "
+              f"{mean_std(rows, 'alignment_first')[0]:.2f} → "
               f"{mean_std(rows, 'alignment_last')[0]:.2f} | {mean_std(rows, 'train_time_s')[0]:.0f} |")
     for label, ev in refs.items():
         print(f"| {label} (no training) | — | {100 * ev['linear_probe']:.1f} | {100 * ev['knn_k20']:.1f} | "
@@ -360,13 +369,17 @@ def main(argv=None):
     tuned_path = os.path.join(args.out, "tuned.json")
     if args.tune:
         plan = [(loss, trial) for loss in losses for trial in TRIALS[loss]]
-    elif os.path.exists(tuned_path):
-        with open(tuned_path) as fh:
-            tuned = json.load(fh)
-        plan = [(loss, tuned[loss]) for loss in losses]
     else:
-        raise SystemExit(f"{tuned_path} is missing: run with --tune first (the settings are chosen on "
-                         f"the validation split, never on the test images)")
+        tuned = {}
+        if os.path.exists(tuned_path):
+            with open(tuned_path) as fh:
+                tuned = json.load(fh)
+        missing = [loss for loss in losses if loss not in tuned.get("choice", {})]
+        if missing or tuned.get("setting") != setting:
+            raise SystemExit(f"{tuned_path} holds no choice for {', '.join(missing) or 'this setting'}: run "
+                             f"with --tune first (settings are chosen on the validation split, never on the "
+                             f"test images)")
+        plan = [(loss, tuned["choice"][loss]) for loss in losses]
     t0 = time.time()
 
     # runs, then the offline evaluation of each
@@ -384,11 +397,16 @@ def main(argv=None):
     print(f"\n{args.dataset}, {split} split, {setting}, seeds {seeds}, {time.time() - t0:.0f} s")
     print_table(groups, refs)
     result = {"split": split, "setting": setting, "seeds": seeds, "references": refs, "runs": groups}
-    if args.tune:
-        tuned = {}
+    if args.tune:  # each loss's best trial, merged into tuned.json (kept only for the same setting)
+        tuned = {"setting": setting, "choice": {}}
+        if os.path.exists(tuned_path):
+            with open(tuned_path) as fh:
+                saved = json.load(fh)
+            if saved.get("setting") == setting:
+                tuned = saved
         for loss in losses:
             best = max(TRIALS[loss], key=lambda t: groups[trial_name(loss, t)][0]["linear_probe"])
-            tuned[loss] = best
+            tuned["choice"][loss] = best
             print(f"{loss}: chosen {best} (validation linear probe "
                   f"{100 * groups[trial_name(loss, best)][0]['linear_probe']:.1f}%)")
         with open(tuned_path, "w") as fh:
@@ -397,7 +415,8 @@ def main(argv=None):
             plot_lam_sweep([groups[trial_name("peira", {"lam": lam})][0] for lam in LAM_SWEEP], args.out)
         result["tuned"] = tuned
     else:
-        print_differences(groups, trial_name("peira", tuned["peira"]) if "peira" in losses else None)
+        reference = trial_name("peira", tuned["choice"]["peira"]) if "peira" in losses else None
+        print_differences(groups, reference)
         plot(histories, groups, split, args.out)
     with open(os.path.join(args.out, f"results_{split}.json"), "w") as fh:
         json.dump(result, fh, indent=1)

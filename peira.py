@@ -44,8 +44,8 @@ import torch.nn as nn
 
 __all__ = [
     "moments", "optimal_regressor", "peira_objective", "aux_loss", "aux_loss_from_moments", "PEIRALoss",
-    "nonlinear_cca", "linear_cca", "canonical_correlations", "canonical_correlations_with_null", "peira_filter",
-    "simsiam_filter",
+    "nonlinear_cca", "linear_cca", "canonical_correlations", "canonical_correlations_with_null",
+    "peira_filter", "simsiam_filter",
     "effective_rank", "alignment",
 ]
 
@@ -153,8 +153,8 @@ def aux_loss_from_moments(u, v, N, S, lam):
 
     With a = Qu, b = Qv (triangular solves on one Cholesky factor of N + λI) and Pu = S a, the fit
     terms are aᵀ(S a − v) and bᵀ(S b − u): k³/3 + O(Bk²) operations instead of 3k³ + O(Bk²), and
-    no host synchronisation (a failed factorisation, impossible for finite N, returns NaN).
-    N and S are constants (detached).
+    no host synchronisation (a failed factorisation returns NaN: in float32 it needs λ below about
+    k·eps·‖N‖). N and S are constants (detached), S symmetric; first derivatives only.
     """
     _check_lam(lam)
     _check_pair(u, v)
@@ -184,6 +184,7 @@ class _AuxLossFromFactor(torch.autograd.Function):
         return 0.5 * (fit + lam * x.square().sum()) / batch
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, L, Sa, a_swapped = ctx.saved_tensors
         grad_x = torch.cholesky_solve(Sa.T, L).T - a_swapped + ctx.lam * x
@@ -232,7 +233,7 @@ class PEIRALoss(nn.Module):
     @property
     def eta(self):
         """Weight of the new batch in the running moments (a 0-d tensor; set it with a number)."""
-        return self.eta_now
+        return self.eta_now.clone()
 
     @eta.setter
     def eta(self, value):
@@ -318,13 +319,14 @@ class PEIRALoss(nn.Module):
         """Moment sums over the batch, its size and whether a batch was non-finite; the global
         batch's when distributed (one all_reduce, of one triangle of each symmetric sum)."""
         sum_nn, sum_ss, sum_u, sum_v = _moment_sums(u, v)
-        n = sum_u.new_tensor(u.shape[0])
+        n = torch.full((), u.shape[0], dtype=sum_u.dtype, device=sum_u.device)  # made on the device: no copy
         if all_reduce and dist.is_available() and dist.is_initialized():
             flat = torch.cat([_pack_symmetric(sum_nn, sum_ss), sum_u, sum_v, n[None], bad.to(n.dtype)[None]])
             dist.all_reduce(flat)
             k = self.dim
             sum_nn, sum_ss = _unpack_symmetric(flat[:k * k + k], k)
-            sum_u, sum_v, n, bad = flat[k * k + k:k * k + 2 * k], flat[k * k + 2 * k:-2], flat[-2], flat[-1] > 0
+            sum_u, sum_v = flat[k * k + k:k * k + 2 * k], flat[k * k + 2 * k:-2]
+            n, bad = flat[-2], flat[-1] > 0
         return sum_nn, sum_ss, sum_u, sum_v, n, bad
 
     @property
@@ -341,10 +343,12 @@ class PEIRALoss(nn.Module):
 
     def stats(self):
         """Diagnostics for logging: objective, Tr P, effective rank of N, alignment ⟨P, S⟩, the
-        median of the positive canonical correlations of the embeddings (on the span of N) and the
-        fraction of the k dimensions whose correlation exceeds λ² (the directions PEIRA keeps at its
-        optimum), the mean per-dimension std of the last batch's embeddings, current eta, and the
-        number of batches skipped for non-finite values."""
+        median of the positive canonical correlations of the running moments (on the span of N) and
+        the fraction of the k dimensions whose correlation exceeds λ², the mean per-dimension std of
+        the last batch's embeddings, current eta, and the number of batches skipped for non-finite
+        values. The running moments average about B(2 − η)/η samples, often few against k: their
+        correlations mostly measure finite-sample noise (canonical_correlations_with_null reads
+        them against their null on a large sample)."""
         P = self.P
         corr = canonical_correlations(self.N, self.S)
         positive = corr[corr > 0]  # an anti-correlated direction is never kept
@@ -458,7 +462,7 @@ def canonical_correlations(N, S, rtol=None):
 def canonical_correlations_with_null(u, v, generator=None, shuffles=5):
     """Canonical correlations of paired embeddings u, v (n, k), centered, with their null: the same
     statistic on the pairs shuffled across samples, i.e. the level finite-sample noise alone reaches
-    at this n against k (about 2√(k/n) at the top); the null is the largest of `shuffles` shuffles,
+    at this n against k (about √(2k/n) at the top); the null is the largest of `shuffles` shuffles,
     rank by rank, so that pure noise passes null[0] with probability about 1 / (shuffles + 1). Read
     the first against the second: directions above null[0] carry a correlation the sample can see.
     Both descending, in float64.
@@ -470,8 +474,8 @@ def canonical_correlations_with_null(u, v, generator=None, shuffles=5):
     _check_pair(u, v)
     u, v = u.detach().double(), v.detach().double()
     corr = canonical_correlations(*moments(u, v, center=True))
-    null = [canonical_correlations(*moments(u, v[torch.randperm(len(v), generator=generator, device=v.device)],
-                                            center=True)) for _ in range(shuffles)]
+    shuffled = (v[torch.randperm(len(v), generator=generator, device=v.device)] for _ in range(shuffles))
+    null = [canonical_correlations(*moments(u, w, center=True)) for w in shuffled]
     return corr, torch.stack(null).amax(0)
 
 

@@ -100,12 +100,12 @@ RECIPES = {
                     clip=0.0, clip_from=0, proj="2048-2048"),
 }
 TINY = dict(width=16, proj="128-128-64", subset=1024, epochs=3, batch_size=128, warmup_epochs=1,
-            workers=2, clip_from=0, lam=0.1)  # λ by the rule in README (Choosing λ), not the preprint's 0.7
+            workers=2, clip_from=0, lam=0.1)  # λ 0.1, not the preprint's 0.7: README, Choosing λ
 TINY_LARS_LR = 0.3  # --tiny with LARS (PEIRA, VICReg); SimSiam's SGD keeps its recipe's lr per 256 images
 KNN_K, KNN_T = 200, 0.1          # kNN monitor (InstDisc / solo-learn)
 PROBE_PASSES, PROBE_LR = 5, 0.1  # online probe: SGD passes over the clean training features per epoch
 COLLAPSE_STD = 0.1               # warn when √k · std of the normalised embeddings falls below this
-KEPT_WARN = 0.5                  # warn when PEIRA keeps (s > λ²) less than this share of the directions seen
+KEPT_WARN = 0.5                  # warn when PEIRA keeps (s > λ²) under this share of the directions seen
 VICREG_COEFFS = (25.0, 25.0, 1.0)  # invariance, variance, covariance (official VICReg)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -180,13 +180,14 @@ class LARS(torch.optim.Optimizer):
     it; parameters with ndim ≤ 1 (biases, norms) get neither weight decay nor the trust ratio. Two
     conventions, which differ by up to 500× at a small lr:
       vicreg      q = 0.001 ‖p‖ / ‖g + wd·p‖ (VICReg's official code: the trust multiplies lr);
-      solo-learn  q = min(0.02 ‖p‖ / (‖g‖ + wd‖p‖) / lr, 1) (solo-learn's, from Lightning Bolts, with its
-                  configs' eta 0.02 and clip_lars_lr: a layer moves by at most lr · ‖g + wd·p‖)."""
+      solo-learn  q = min(0.02 ‖p‖ / (‖g‖ + wd‖p‖) / lr, 1) (solo-learn's, from Lightning Bolts, with
+                  its configs' eta 0.02 and clip_lars_lr: a layer moves by at most lr · ‖g + wd·p‖)."""
 
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, convention="vicreg"):
         if convention not in LARS_CONVENTIONS:
             raise ValueError(f"LARS convention must be one of {LARS_CONVENTIONS}, got {convention!r}")
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, convention=convention))
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, convention=convention)
+        super().__init__(params, defaults)
 
     @torch.no_grad()
     def step(self):
@@ -198,11 +199,12 @@ class LARS(torch.optim.Optimizer):
                 if p.ndim > 1:
                     pn, gn = p.norm(), d.norm()
                     d = d.add(p, alpha=g["weight_decay"])
-                    if g["convention"] == "vicreg":
-                        q = 0.001 * pn / d.norm()
-                    else:
+                    if g["convention"] == "vicreg":  # both norms nonzero, else the plain step
+                        dn = d.norm()
+                        d = d.mul(torch.where((pn > 0) & (dn > 0), 0.001 * pn / dn, 1.0))
+                    else:  # a zero norm: the gradient alone, as solo-learn
                         q = (0.02 * pn / (gn + g["weight_decay"] * pn + 1e-8) / g["lr"]).clamp(max=1.0)
-                    d = d.mul(torch.where((pn > 0) & (gn > 0), q, 1.0))
+                        d = torch.where((pn > 0) & (gn > 0), d * q, p.grad)
                 buf = self.state[p].setdefault("mu", torch.zeros_like(p))
                 buf.mul_(g["momentum"]).add_(d)
                 p.add_(buf, alpha=-g["lr"])
@@ -564,7 +566,7 @@ def load_splits(root, subset, rank=0, world=1):
     they exist (image folders), else from torchvision's root/cifar-10-batches-py (downloaded when
     missing). The first `subset` train and subset // 2 test images when subset > 0."""
     if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
-        (train_x, train_y), (test_x, test_y) = load_image_folder(root, "train"), load_image_folder(root, "test")
+        (train_x, train_y), (test_x, test_y) = (load_image_folder(root, split) for split in ("train", "test"))
     else:
         ensure_cifar(root, rank, world)
         (train_x, train_y), (test_x, test_y) = load_cifar(root, True), load_cifar(root, False)
@@ -665,7 +667,8 @@ def sample_view_params(n, gen):
     return {"top": top, "left": left, "height": height, "width": width,
             "flip": torch.rand(n, generator=gen, device=dev) < 0.5,
             "jitter": torch.rand(n, generator=gen, device=dev) < 0.8,
-            "factors": torch.stack([uniform(0.6, 1.4), uniform(0.6, 1.4), uniform(0.8, 1.2), uniform(-0.1, 0.1)], 1),
+            "factors": torch.stack([uniform(0.6, 1.4), uniform(0.6, 1.4), uniform(0.8, 1.2),
+                                    uniform(-0.1, 0.1)], 1),
             "jitter_order": torch.rand(n, 4, generator=gen, device=dev).argsort(1),
             "grayscale": torch.rand(n, generator=gen, device=dev) < 0.2,
             "solarize": torch.rand(n, generator=gen, device=dev) < 0.1}
@@ -680,7 +683,8 @@ def _resize_taps(start, length, in_size, out_size, taps):
     centre = scale * (torch.arange(out_size, device=start.device, dtype=torch.float64)[None, :, None] + 0.5)
     first = (centre - support + 0.5).trunc().clamp(min=0)
     pos = first + torch.arange(taps, device=start.device, dtype=torch.float64)  # relative to the window
-    weights = (1 - ((pos + 0.5 - centre) / support).abs()).clamp(min=0) * (pos < length.double()[:, None, None])
+    weights = (1 - ((pos + 0.5 - centre) / support).abs()).clamp(min=0)
+    weights = weights * (pos < length.double()[:, None, None])  # taps inside the window only
     weights = weights / weights.sum(2, keepdim=True)
     return (pos.long() + start[:, None, None]).clamp(0, in_size - 1), weights.float()
 
@@ -696,8 +700,8 @@ def resized_crop(x, top, left, height, width, size, flip):
     iy, wy = _resize_taps(top, height, H, size, taps)
     ix, wx = _resize_taps(left, width, W, size, taps)
     ix, wx = torch.where(flip.view(n, 1, 1), ix.flip(1), ix), torch.where(flip.view(n, 1, 1), wx.flip(1), wx)
-    rows = torch.zeros(n, size, H, device=x.device).scatter_add_(2, iy, wy)  # (n, out y, in y)
-    cols = torch.zeros(n, size, W, device=x.device).scatter_add_(2, ix, wx)  # (n, out x, in x)
+    rows = x.new_zeros(n, size, H).scatter_add_(2, iy, wy.to(x.dtype))  # (n, out y, in y)
+    cols = x.new_zeros(n, size, W).scatter_add_(2, ix, wx.to(x.dtype))  # (n, out x, in x)
     y = torch.bmm(rows, x.permute(0, 2, 1, 3).reshape(n, H, c * W))       # (n, size, c·W)
     y = y.view(n, size, c, W).transpose(1, 2).reshape(n, c * size, W)
     return torch.bmm(y, cols.transpose(1, 2)).view(n, c, size, size)
@@ -744,7 +748,7 @@ def color_jitter(x, on, order, factors):
         gray = _gray(x)
         target = torch.where(op == 2, gray, gray.mean((1, 2, 3), keepdim=True)) * (op != 0)
         ratio = torch.where(on & (op < 3), factors.gather(1, order[:, r:r + 1]).view(-1, 1, 1, 1), 1.0)
-        x = (ratio * x).add_((1 - ratio) * target).clamp_(0, 1)  # torchvision's _blend, exactly
+        x = (ratio * x).add_((1 - ratio) * target).clamp_(0, 1)  # torchvision's _blend formula
         x = _where_apply((on & (op == 3)).view(-1), lambda y, idx: adjust_hue(y, factors[idx, 3]), x)
     return x
 
@@ -758,8 +762,9 @@ def augment_batch(images, params):
     x = color_jitter(x, p["jitter"], p["jitter_order"], p["factors"])
     x = _where_apply(p["grayscale"], lambda y, idx: _gray(y).expand_as(y), x)
     x = _where_apply(p["solarize"], lambda y, idx: torch.where(y >= 128 / 255, 1 - y, y), x)
-    std = torch.tensor(CIFAR_STD, device=x.device).view(1, 3, 1, 1)
-    return torch.addcdiv(torch.tensor(CIFAR_MEAN, device=x.device).view(1, 3, 1, 1) / -std, x, std)
+    for c, (mean, std) in enumerate(zip(CIFAR_MEAN, CIFAR_STD)):  # Python numbers: no copy to the device
+        x[:, c].sub_(mean).div_(std)
+    return x
 
 
 def batched_epoch(images, labels, seed, epoch, global_batch, rank, world):
@@ -768,12 +773,13 @@ def batched_epoch(images, labels, seed, epoch, global_batch, rank, world):
     global batch, of which each rank takes its rows: the views are those of one process on the global
     batch, whatever the number of ranks, and a resumed run continues exactly."""
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    order = order.to(images.device)  # once per epoch
     local = global_batch // world
     for i in range(len(images) // global_batch):
         gen = torch.Generator(device=images.device).manual_seed((seed * 1_000_003 + epoch) * 100_003 + i)
         views = [sample_view_params(global_batch, gen) for _ in range(2)]
         rows = slice(rank * local, (rank + 1) * local)
-        idx = order[i * global_batch:(i + 1) * global_batch][rows].to(images.device)
+        idx = order[i * global_batch:(i + 1) * global_batch][rows]
         x = images[idx]
         yield tuple(augment_batch(x, {k: t[rows] for k, t in p.items()}) for p in views) + (labels[idx],)
 
@@ -910,7 +916,8 @@ def view_correlations(model, images, lam, seed, epoch, device, rank, world):
     embed = nn.Sequential(model.backbone, model.projector)
     u, v = (sharded_features(embed, images, device, rank, world, sample_view_params(len(images), gen))
             for _ in range(2))
-    corr, null = peira.canonical_correlations_with_null(u, v, torch.Generator(device=device).manual_seed(epoch))
+    shuffle = torch.Generator(device=device).manual_seed(seed * 100_003 + epoch)
+    corr, null = peira.canonical_correlations_with_null(u, v, shuffle)
     return {"null_level": null[0].item(), "signal_dims": int((corr > null[0]).sum()),
             "kept_dims": int((corr > max(null[0].item(), lam ** 2)).sum()), "corr_top": corr[0].item()}
 
@@ -1142,14 +1149,16 @@ def main(argv=None):
             # the epoch's order and augmentations are functions of (seed, epoch, step or index): exact resume
             torch.manual_seed(args.seed * 100_003 + epoch * 1009 + rank)
             if args.augment == "batched":
-                batches = batched_epoch(train_images, train_labels, args.seed, epoch, args.batch_size, rank, world)
+                batches = batched_epoch(train_images, train_labels, args.seed, epoch, args.batch_size, rank,
+                                        world)
             else:
-                batches = epoch_loader(dataset, epoch, local_batch, rank, world, args.workers, device.type == "cuda")
+                batches = epoch_loader(dataset, epoch, local_batch, rank, world, args.workers,
+                                       device.type == "cuda")
             t0, seen = time.time(), 0
             bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", total=steps_per_epoch,
                        disable=not master, leave=False)
             for i, batch in enumerate(bar):
-                # schedule: learning rate (warmup, cosine), η (linear anneal), clipping: functions of the step
+                # schedule: learning rate (warmup, cosine), η (linear anneal), clipping: functions of step
                 step = epoch * steps_per_epoch + i
                 lr = learning_rate(step, total_steps, int(args.warmup_epochs * steps_per_epoch), args.lr)
                 for g in opt.param_groups:
@@ -1181,9 +1190,11 @@ def main(argv=None):
                              args.seed * 100_003 + epoch)
             with torch.no_grad():
                 probe_acc = (probe(test_feat).argmax(1) == test_labels).float().mean().item()
-            peira_loss.all_reduce_moments()  # the monitor of the other losses: each rank's moments
-            stats = {**peira_loss.stats(), **view_correlations(model, train_x, args.lam, args.seed, epoch, device,
-                                                               rank, world)}
+            if args.loss != "peira":  # the monitor of the other losses keeps each rank's moments
+                peira_loss.all_reduce_moments()
+            images = train_x if train_images is None else train_images
+            stats = {**peira_loss.stats(),
+                     **view_correlations(model, images, args.lam, args.seed, epoch, device, rank, world)}
             std = embedding_spread(z)  # the last batch's embeddings of view 1
             record = {"epoch": epoch + 1, "knn": knn, "online_probe": probe_acc, "loss": loss_value,
                       "lr": lr, "img_per_s": seen / epoch_time, "epoch_time": epoch_time,
@@ -1199,7 +1210,7 @@ def main(argv=None):
                           f"embeddings {std:.3f}")
                 if args.loss == "peira" and stats["kept_dims"] < KEPT_WARN * stats["signal_dims"]:
                     print(f"warning: λ {args.lam} keeps {stats['kept_dims']} of the {stats['signal_dims']} "
-                          f"directions whose correlation the training images show above their null (s > λ²): "
+                          f"directions the training images show above their null (s > λ²): "
                           f"PEIRA is switching the others off; a smaller --lam keeps them")
                 print(f"epoch {epoch + 1}: loss {loss_value:.4f}  kNN {100 * knn:.2f}%  "
                       f"probe {100 * probe_acc:.2f}%  objective {stats['objective']:.4f}  "

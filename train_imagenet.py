@@ -165,13 +165,14 @@ class LARS(torch.optim.Optimizer):
     it; parameters with ndim ≤ 1 (biases, norms) get neither weight decay nor the trust ratio. Two
     conventions, which differ by up to 500× at a small lr:
       vicreg      q = 0.001 ‖p‖ / ‖g + wd·p‖ (VICReg's official code: the trust multiplies lr);
-      solo-learn  q = min(0.02 ‖p‖ / (‖g‖ + wd‖p‖) / lr, 1) (solo-learn's, from Lightning Bolts, with its
-                  configs' eta 0.02 and clip_lars_lr: a layer moves by at most lr · ‖g + wd·p‖)."""
+      solo-learn  q = min(0.02 ‖p‖ / (‖g‖ + wd‖p‖) / lr, 1) (solo-learn's, from Lightning Bolts, with
+                  its configs' eta 0.02 and clip_lars_lr: a layer moves by at most lr · ‖g + wd·p‖)."""
 
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, convention="vicreg"):
         if convention not in LARS_CONVENTIONS:
             raise ValueError(f"LARS convention must be one of {LARS_CONVENTIONS}, got {convention!r}")
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, convention=convention))
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, convention=convention)
+        super().__init__(params, defaults)
 
     @torch.no_grad()
     def step(self):
@@ -183,11 +184,12 @@ class LARS(torch.optim.Optimizer):
                 if p.ndim > 1:
                     pn, gn = p.norm(), d.norm()
                     d = d.add(p, alpha=g["weight_decay"])
-                    if g["convention"] == "vicreg":
-                        q = 0.001 * pn / d.norm()
-                    else:
+                    if g["convention"] == "vicreg":  # both norms nonzero, else the plain step
+                        dn = d.norm()
+                        d = d.mul(torch.where((pn > 0) & (dn > 0), 0.001 * pn / dn, 1.0))
+                    else:  # a zero norm: the gradient alone, as solo-learn
                         q = (0.02 * pn / (gn + g["weight_decay"] * pn + 1e-8) / g["lr"]).clamp(max=1.0)
-                    d = d.mul(torch.where((pn > 0) & (gn > 0), q, 1.0))
+                        d = torch.where((pn > 0) & (gn > 0), d * q, p.grad)
                 buf = self.state[p].setdefault("mu", torch.zeros_like(p))
                 buf.mul_(g["momentum"]).add_(d)
                 p.add_(buf, alpha=-g["lr"])
