@@ -26,6 +26,7 @@ import json
 import math
 import os
 import pickle
+import re
 import time
 import zlib
 
@@ -303,6 +304,52 @@ def row_generator(seed, row):
     return torch.Generator().manual_seed((seed % 2 ** 32) << 32 | zlib.crc32(row.encode()))
 
 
+def by_objective(rows):
+    """The model rows grouped over training seeds: {objective: {seed: success}}; a label's suffix
+    -seed<s> names its seed (two_rooms.py --seed s), no suffix is seed 0."""
+    groups = {}
+    for row in rows:
+        if not row["method"].endswith(" + planner"):
+            continue
+        label = row["method"][:-len(" + planner")]
+        found = re.search(r"-seed(\d+)$", label)
+        objective, seed = (label[:found.start()], int(found.group(1))) if found else (label, 0)
+        groups.setdefault(objective, {})[seed] = row["success"]
+    return groups
+
+
+def paired_difference(a, b):
+    """Mean over the seeds both hold of a's success − b's (same pairs, same seed), with its 95% t
+    interval (n − 1 degrees of freedom); NaN bounds below 2 seeds."""
+    from scipy.stats import t as student
+    d = [a[s] - b[s] for s in sorted(set(a) & set(b))]
+    if len(d) < 2:
+        return (sum(d) / len(d) if d else math.nan), math.nan, math.nan
+    mean = sum(d) / len(d)
+    std = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
+    half = student.ppf(0.975, len(d) - 1) * std / math.sqrt(len(d))
+    return mean, mean - half, mean + half
+
+
+def print_seed_summary(groups):
+    """Success by objective over training seeds (mean ± std), and PEIRA − each other objective as
+    paired differences over the seeds (when some objective has two seeds or more)."""
+    if not groups or max(len(seeds) for seeds in groups.values()) < 2:
+        return
+    print("\n| objective | training seeds | success, mean ± std over seeds |\n|---|---|---|")
+    for objective, seeds in groups.items():
+        values = list(seeds.values())
+        mean = sum(values) / len(values)
+        std = math.nan if len(values) < 2 else math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        print(f"| {objective} | {','.join(map(str, sorted(seeds)))} | {100 * mean:.1f} ± {100 * std:.1f}% |")
+    if "peira" in groups:
+        print("\n| paired difference over seeds | points (95% interval) |\n|---|---|")
+        for objective, seeds in groups.items():
+            if objective != "peira":
+                mean, lo, hi = paired_difference(groups["peira"], seeds)
+                print(f"| peira − {objective} | {100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] |")
+
+
 def main(argv=None):
     args = parser.parse_args(argv)
     if min(args.horizon, args.episodes, args.samples, args.segments, args.replan) < 1:
@@ -354,6 +401,7 @@ def main(argv=None):
         lo, hi = (100 * x for x in row["ci95"])
         print(f"| {row['method']} | {100 * row['success']:.0f}% | {lo:.0f}–{hi:.0f}% | "
               f"{steps} | {row['plan_ms_per_step']:.1f} |")
+    print_seed_summary(by_objective(rows))
     with open(os.path.join(args.out, "plan.json"), "w") as fh:
         json.dump({"config": vars(args), "rows": rows}, fh, indent=1)
     figure(paths, starts, goals, args.out)

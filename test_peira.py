@@ -1882,3 +1882,26 @@ def test_plan_and_two_rooms_reject_nonsense_flags(tiny_two_rooms, tmp_path, caps
     monkeypatch.setattr(plan, "distance_maps", lambda *args: None)
     plan.main(["--models", f"{tiny_two_rooms / 'peira.pt'},{tiny_two_rooms / 'lewm.pt'}", *flags])
     assert "warning: --cost regressed applies to PEIRA's models only; lewm planned" in capsys.readouterr().out
+
+
+def test_plan_summarises_objectives_over_training_seeds(capsys):
+    """plan.py groups model rows by objective over the seeds in their labels (no suffix: seed 0) and
+    prints PEIRA − each objective as a paired difference over the shared seeds, with the 95% t
+    interval computed here directly (t_0.975 with 2 degrees of freedom: 4.302652729911275)."""
+    rows = [{"method": m, "success": s} for m, s in [
+        ("random", 0.01), ("true dynamics + planner, position cost", 1.0), ("peira + planner", 0.90),
+        ("peira-seed1 + planner", 0.95), ("peira-seed2 + planner", 0.92), ("pldm + planner", 0.94),
+        ("pldm-seed1 + planner", 0.93), ("pldm-seed2 + planner", 0.97), ("lewm-seed3 + planner", 0.9)]]
+    groups = plan.by_objective(rows)
+    assert groups == {"peira": {0: 0.90, 1: 0.95, 2: 0.92}, "pldm": {0: 0.94, 1: 0.93, 2: 0.97},
+                      "lewm": {3: 0.9}}
+    d = [-0.04, 0.02, -0.05]
+    mean = sum(d) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
+    got, lo, hi = plan.paired_difference(groups["peira"], groups["pldm"])
+    assert abs(got - mean) < 1e-12 and abs(hi - got - 4.302652729911275 * sd / math.sqrt(3)) < 1e-9
+    assert math.isnan(plan.paired_difference(groups["peira"], groups["lewm"])[1])  # no shared seed
+    plan.print_seed_summary(groups)
+    out = capsys.readouterr().out
+    assert "| peira | 0,1,2 | 92.3 ± 2.5% |" in out and f"| peira − pldm | {100 * mean:+.1f} [" in out
+

@@ -2,6 +2,7 @@
 
     python two_rooms.py                          # PEIRA, PLDM and LeWM world models, one after another
     python two_rooms.py --losses peira --seed 1  # one objective, another training seed: peira-seed1.pt
+    python two_rooms.py --seeds 0,1,2,3,4 && python plan.py --episodes 200  # five seeds, summarised
     python two_rooms.py --losses pldm --without var --out out/ablations  # PLDM without a term
     python two_rooms.py --no-door-data --out out/no_door   # data that never cross the door
     python two_rooms.py --res 64 --steps 8000    # PLDM's 64-px rendering (GPU)
@@ -79,6 +80,9 @@ parser.add_argument("--lam", type=float, default=0.1, help="PEIRA λ")
 parser.add_argument("--without", default="", help="ablation: PLDM terms to drop, comma-separated: var, cov, "
                     "var_t, sim_t, idm")
 parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--seeds", default="",
+                    help="comma-separated training seeds, each training every objective (replaces --seed); "
+                         "plan.py then summarises over them")
 
 ARENA, BORDER, WALL_X, WALL_HALF = 64.0, 4.0, 32.0, 1.5  # PLDM's geometry (units = 64-px pixels)
 DOOR_Y, DOOR_HALF = 10.0, 4.0
@@ -546,26 +550,32 @@ def main(argv=None):
     unknown = {term for term in args.without.split(",") if term} - (set(PLDM_COEFFS) - {"pred"})
     if unknown:
         parser.error(f"--without takes var, cov, var_t, sim_t, idm; got {', '.join(sorted(unknown))}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
+    except ValueError:
+        parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    # offline data, and held-out trajectories from another seed for the prediction error
-    pos, actions = load_data(args)
-    print(f"offline data: {len(pos)} trajectories × {args.length} steps, "
-          f"{100 * crossing_fraction(pos):.0f}% cross the door")
-    held_out = random_trajectories(256, args.length, args.seed + 7919, data_config(args)["door_fraction"],
-                                   args.no_door_data)
-
-    # one world model per objective, then a table of their final loss and open-loop error. Each
-    # loss is the model's own objective (PEIRA's L_PEIRA, not its auxiliary loss): not comparable
-    # across objectives, the open-loop errors are
     rows = []
-    for name in losses:
-        _, history, seconds = train(name, args, pos, actions, held_out, device)
-        last = history[-1]
-        own = last.get("objective", last["loss"])
-        rows.append((last["model"], own, last["prediction_error"]["raw"], seconds))
-        print(f"{last['model']}: final training loss (own objective) {own:.4f}, {seconds:.0f} s")
+    for seed in seeds:
+        args.seed = seed  # the data and the initialisation: <model>-seed<s>.pt for s ≠ 0
+        # offline data, and held-out trajectories from another seed for the prediction error
+        pos, actions = load_data(args)
+        print(f"offline data (seed {seed}): {len(pos)} trajectories × {args.length} steps, "
+              f"{100 * crossing_fraction(pos):.0f}% cross the door")
+        held_out = random_trajectories(256, args.length, args.seed + 7919, data_config(args)["door_fraction"],
+                                       args.no_door_data)
+
+        # one world model per objective, then a table of their final loss and open-loop error. Each
+        # loss is the model's own objective (PEIRA's L_PEIRA, not its auxiliary loss): not comparable
+        # across objectives, the open-loop errors are
+        for name in losses:
+            _, history, seconds = train(name, args, pos, actions, held_out, device)
+            last = history[-1]
+            own = last.get("objective", last["loss"])
+            rows.append((last["model"], own, last["prediction_error"]["raw"], seconds))
+            print(f"{last['model']}: final training loss (own objective) {own:.4f}, {seconds:.0f} s")
     horizons = " | ".join(f"error h={h}" for h in rows[0][2])
     print(f"\n| model | final training loss (own objective) | {horizons} | training time (s) |")
     print("|---" * (len(rows[0][2]) + 3) + "|")
