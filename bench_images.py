@@ -3,6 +3,7 @@
     python bench_images.py --data DIR --tune             # validation split: each loss's trials, the choice
     python bench_images.py --data DIR --seeds 0,1,2      # test images: the chosen settings, table, figures
     python bench_images.py --dataset digits --tune       # the same on scikit-learn's digits (no download)
+    python bench_images.py --data DIR --compare-augment --epochs 5   # batched views vs per-image, same seeds
 
 DIR holds CIFAR-10 as train_cifar.py reads it: torchvision's cifar-10-batches-py, or an image folder
 (train/<class>/*.jpg, test/<class>/*.jpg). The benchmark writes its splits once, in CIFAR-10's on-disk
@@ -14,13 +15,16 @@ batch, epochs, augmentations) and its loss's own objective and optimiser; a fini
 --tune runs TRIALS on the validation split (seed 0): the same number of trials for every loss (its
 learning rate, LARS convention, and λ for PEIRA), and writes tuned.json: each loss's trial with the
 best offline linear probe. Without --tune the runs use tuned.json and report, on the test images:
-the offline linear probe on frozen features (primary; 100 epochs of SGD on L2-normalised backbone
-features), kNN (cosine, k 20 and T 0.07 as solo-learn; k 200 and T 0.1 as InstDisc), the kNN monitor
-of the first and last epoch, rank(N), the directions the training images show above their null,
-corr(PEIRA objective, test kNN) over epochs and P–S alignment; raw pixels and the untrained network
+the offline linear probe on frozen features (primary; 100 epochs of SGD on the backbone features
+standardised with the training features' mean and std), kNN (cosine, k 20 and T 0.07 as
+solo-learn; k 200 and T 0.1 as InstDisc), the kNN monitor of the first and last epoch, rank(N),
+the directions the training images show above their null, corr(PEIRA objective, test kNN) over
+epochs and P–S alignment; raw pixels and the untrained network
 through the same kNN and probe; per loss mean ± std over seeds and PEIRA − each baseline as paired
 differences with a 95% t interval. Writes results_SPLIT.json, knn_by_epoch_SPLIT.png,
 objective_vs_knn_SPLIT.png, alignment_by_epoch_SPLIT.png and, with --tune, lam_sweep.png.
+--compare-augment trains PEIRA (λ 0.1) on the test split with both of train_cifar.py's pipelines
+(--augment batched, per-image) on the same seeds and prints the paired differences.
 
 Digits: the UCI handwritten digits that scikit-learn ships (1797 scans of 8×8 pixels; E. Alpaydin and
 C. Kaynak, "Optical Recognition of Handwritten Digits", UCI Machine Learning Repository, 1998),
@@ -51,6 +55,9 @@ parser.add_argument("--losses", default="peira,simsiam,vicreg", help="comma-sepa
 parser.add_argument("--train-size", type=int, help="training images (default: SETTING's)")
 parser.add_argument("--epochs", type=int, help="epochs per run (default: SETTING's)")
 parser.add_argument("--probe-epochs", type=int, default=100, help="offline linear probe epochs")
+parser.add_argument("--compare-augment", action="store_true",
+                    help="test split: PEIRA (λ 0.1) with train_cifar's batched views and with torchvision's "
+                         "per-image pipeline, same seeds: does the pipeline change accuracy?")
 
 # the CPU setting, the same for every loss (train_cifar.py flags); chosen by measurement (README)
 SETTING = {"cifar10": dict(train_size=5000, val_size=2000, epochs=10, width=16, proj="128-128-64", batch=128),
@@ -186,11 +193,18 @@ def train_run(argv):
     return train_cifar.main(argv)
 
 
+PROBE_INPUT = "standardised"  # evaluation.json records it: a cached evaluation of another kind is redone
+
+
 def evaluate(train_feat, train_y, test_feat, test_y, probe_epochs, seed=0):
-    """Offline linear probe and both kNN on L2-normalised features."""
+    """Offline linear probe on features standardised with the training features' mean and std (so
+    that its learning rate suits any scale, as the online probe's), and both kNN on L2-normalised
+    features."""
+    mean, std = train_feat.mean(0), train_feat.std(0).clamp_min(1e-6)
+    top1, _ = train_cifar.linear_probe((train_feat - mean) / std, train_y, (test_feat - mean) / std, test_y,
+                                       probe_epochs, seed)
+    out = {"linear_probe": top1, "probe_input": PROBE_INPUT}
     train_feat, test_feat = F.normalize(train_feat, dim=1), F.normalize(test_feat, dim=1)
-    top1, _ = train_cifar.linear_probe(train_feat, train_y, test_feat, test_y, probe_epochs, seed)
-    out = {"linear_probe": top1}
     for name, (k, t) in KNN_SETTINGS.items():
         out[name] = train_cifar.knn_accuracy(train_feat, train_y, test_feat, test_y, k=k, t=t)
     return out
@@ -203,8 +217,8 @@ def evaluate_run(out, data, probe_epochs):
     if os.path.exists(path):
         with open(path) as fh:
             cached = json.load(fh)
-        if (cached.get("epoch"), cached.get("probe_epochs"), cached.get("config")) == (
-                ckpt["epoch"], probe_epochs, ckpt["config"]):
+        key = ("epoch", "probe_epochs", "config", "probe_input")
+        if tuple(cached.get(k) for k in key) == (ckpt["epoch"], probe_epochs, ckpt["config"], PROBE_INPUT):
             return cached
     cfg = ckpt["config"]
     model = train_cifar.SSLModel(cfg["loss"], cfg["width"], [int(d) for d in cfg["proj"].split("-")])
@@ -369,6 +383,8 @@ def main(argv=None):
     tuned_path = os.path.join(args.out, "tuned.json")
     if args.tune:
         plan = [(loss, trial) for loss in losses for trial in TRIALS[loss]]
+    elif args.compare_augment:
+        plan = [("peira", {"lam": 0.1, "augment": pipeline}) for pipeline in ("batched", "per-image")]
     else:
         tuned = {}
         if os.path.exists(tuned_path):
@@ -414,6 +430,8 @@ def main(argv=None):
         if "peira" in losses:
             plot_lam_sweep([groups[trial_name("peira", {"lam": lam})][0] for lam in LAM_SWEEP], args.out)
         result["tuned"] = tuned
+    elif args.compare_augment:
+        print_differences(groups, trial_name(*plan[0]))
     else:
         reference = trial_name("peira", tuned["choice"]["peira"]) if "peira" in losses else None
         print_differences(groups, reference)
