@@ -1371,8 +1371,13 @@ def test_train_cifar_reads_an_image_folder(tmp_path):
     decoded = {torchvision.io.decode_image(f).numpy().tobytes() for f in files}
     assert len(files) == 30 and {x.numpy().tobytes() for x in train_j} == decoded
     assert torch.equal(tc.load_splits(str(tmp_path / "jpg"), 20)[0], train_j[:20])
+    (tmp_path / "jpg" / "test" / ".ipynb_checkpoints").mkdir()  # hidden folders are not classes
+    assert len(tc.load_splits(str(tmp_path / "jpg"), 0)[2]) == 10
     os.rename(tmp_path / "jpg" / "test" / "cat", tmp_path / "jpg" / "test" / "kitten")
     with pytest.raises(SystemExit, match="one folder per CIFAR-10 class.*kitten"):
+        tc.load_splits(str(tmp_path / "jpg"), 0)
+    os.rename(tmp_path / "jpg" / "test", tmp_path / "jpg" / "held_out")
+    with pytest.raises(SystemExit, match="holds train/ but not test/"):
         tc.load_splits(str(tmp_path / "jpg"), 0)
     (tmp_path / "png" / "train" / "cat" / "0003.png").write_bytes(b"not an image")
     with pytest.raises(SystemExit, match="0003.png is not a readable image"):

@@ -537,7 +537,8 @@ def load_image_folder(root, split):
     CIFAR-10 class folders (labels in torchvision's order), in a fixed shuffled order (seed 0), so
     that --subset takes every class; exits with one clear message on a wrong layout or image."""
     folder = os.path.join(root, split)
-    found = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    found = sorted(d for d in os.listdir(folder)
+                   if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))  # not .ipynb_checkpoints
     if found != sorted(CIFAR10_CLASSES):
         sys.exit(f"{folder} must hold one folder per CIFAR-10 class ({', '.join(CIFAR10_CLASSES)}); "
                  f"found {', '.join(found) or 'none'}")
@@ -565,7 +566,11 @@ def load_splits(root, subset, rank=0, world=1):
     """Train and test images (N, 3, 32, 32, uint8) and labels: from root/train and root/test when
     they exist (image folders), else from torchvision's root/cifar-10-batches-py (downloaded when
     missing). The first `subset` train and subset // 2 test images when subset > 0."""
-    if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
+    splits = [os.path.isdir(os.path.join(root, split)) for split in ("train", "test")]
+    if any(splits) and not all(splits):
+        have, missing = ("train/", "test/") if splits[0] else ("test/", "train/")
+        sys.exit(f"{root} holds {have} but not {missing}: an image folder needs both, one folder per class")
+    if all(splits):
         (train_x, train_y), (test_x, test_y) = (load_image_folder(root, split) for split in ("train", "test"))
     else:
         ensure_cifar(root, rank, world)
