@@ -210,8 +210,9 @@ def evaluate(train_feat, train_y, test_feat, test_y, probe_epochs, seed=0):
     return out
 
 
-def evaluate_run(out, data, probe_epochs):
-    """evaluate() of a run's final backbone on its data (cached in out/evaluation.json)."""
+def evaluate_run(out, splits, probe_epochs):
+    """evaluate() of a run's final backbone on its data, splits = load_splits() of it (cached in
+    out/evaluation.json)."""
     path = os.path.join(out, "evaluation.json")
     ckpt = train_cifar.read_checkpoint(os.path.join(out, "ckpt.pt"))
     if os.path.exists(path):
@@ -223,29 +224,29 @@ def evaluate_run(out, data, probe_epochs):
     cfg = ckpt["config"]
     model = train_cifar.SSLModel(cfg["loss"], cfg["width"], [int(d) for d in cfg["proj"].split("-")])
     model.load_state_dict(ckpt["model"])
-    result = {**backbone_evaluation(model.backbone, data, probe_epochs), "epoch": ckpt["epoch"],
+    result = {**backbone_evaluation(model.backbone, splits, probe_epochs), "epoch": ckpt["epoch"],
               "probe_epochs": probe_epochs, "config": cfg}
     with open(path, "w") as fh:
         json.dump(result, fh)
     return result
 
 
-def backbone_evaluation(backbone, data, probe_epochs):
-    train_x, train_y, test_x, test_y = train_cifar.load_splits(data, 0)
+def backbone_evaluation(backbone, splits, probe_epochs):
+    train_x, train_y, test_x, test_y = splits
     device = torch.device("cpu")
     feats = [train_cifar.features(backbone, x, device) for x in (train_x, test_x)]
     return evaluate(feats[0], train_y, feats[1], test_y, probe_epochs)
 
 
-def references(data, setting, probe_epochs, seed=0):
+def references(splits, setting, probe_epochs, seed=0):
     """The scale: raw normalised pixels, and the network at initialisation, through evaluate()."""
-    train_x, train_y, test_x, test_y = train_cifar.load_splits(data, 0)
+    train_x, train_y, test_x, test_y = splits
     pixels = [train_cifar.normalize_clean(x, torch.device("cpu")).flatten(1) for x in (train_x, test_x)]
     torch.manual_seed(seed)
     proj = [int(d) for d in setting["proj"].split("-")]
     backbone = train_cifar.SSLModel("peira", setting["width"], proj).backbone
     return {"raw pixels": evaluate(pixels[0], train_y, pixels[1], test_y, probe_epochs),
-            "network at initialisation": backbone_evaluation(backbone, data, probe_epochs)}
+            "network at initialisation": backbone_evaluation(backbone, splits, probe_epochs)}
 
 
 def summary(history, evaluation):
@@ -398,7 +399,8 @@ def main(argv=None):
         plan = [(loss, tuned["choice"][loss]) for loss in losses]
     t0 = time.time()
 
-    # runs, then the offline evaluation of each
+    # runs, then the offline evaluation of each (the split read once)
+    splits = train_cifar.load_splits(data, 0)
     histories, groups = {}, {}
     for loss, trial in plan:
         label = trial_name(loss, trial)
@@ -406,8 +408,9 @@ def main(argv=None):
             out = os.path.join(args.out, f"runs-{split}", f"{label}-seed{seed}")
             history = train_run(run_argv(data, out, loss, trial, seed, setting))
             histories.setdefault(label, []).append(history)
-            groups.setdefault(label, []).append(summary(history, evaluate_run(out, data, args.probe_epochs)))
-    refs = references(data, setting, args.probe_epochs)
+            evaluation = evaluate_run(out, splits, args.probe_epochs)
+            groups.setdefault(label, []).append(summary(history, evaluation))
+    refs = references(splits, setting, args.probe_epochs)
 
     # choice (validation), table, differences, figures
     print(f"\n{args.dataset}, {split} split, {setting}, seeds {seeds}, {time.time() - t0:.0f} s")

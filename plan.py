@@ -319,8 +319,9 @@ def by_objective(rows):
 
 
 def paired_difference(a, b):
-    """Mean over the seeds both hold of a's success − b's (same pairs, same seed), with its 95% t
-    interval (n − 1 degrees of freedom); NaN bounds below 2 seeds."""
+    """The success of a minus that of b, seed by seed over the training seeds both have (the same
+    start/goal pairs), averaged, with a 95% t interval (n − 1 degrees of freedom; NaN bounds below 2
+    seeds)."""
     from scipy.stats import t as student
     d = [a[s] - b[s] for s in sorted(set(a) & set(b))]
     if len(d) < 2:
@@ -332,15 +333,16 @@ def paired_difference(a, b):
 
 
 def print_seed_summary(groups):
-    """Success by objective over training seeds (mean ± std), and PEIRA − each other objective as
-    paired differences over the seeds (when some objective has two seeds or more)."""
+    """Success by objective over training seeds (mean ± std), and PEIRA's success minus each other
+    objective's, seed by seed (paired_difference), when some objective has two seeds or more."""
     if not groups or max(len(seeds) for seeds in groups.values()) < 2:
         return
     print("\n| objective | training seeds | success, mean ± std over seeds |\n|---|---|---|")
     for objective, seeds in groups.items():
         values = list(seeds.values())
         mean = sum(values) / len(values)
-        std = math.nan if len(values) < 2 else math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        spread = sum((v - mean) ** 2 for v in values)
+        std = math.sqrt(spread / (len(values) - 1)) if len(values) > 1 else math.nan
         print(f"| {objective} | {','.join(map(str, sorted(seeds)))} | {100 * mean:.1f} ± {100 * std:.1f}% |")
     if "peira" in groups:
         print("\n| paired difference over seeds | points (95% interval) |\n|---|---|")

@@ -537,8 +537,8 @@ def load_image_folder(root, split):
     CIFAR-10 class folders (labels in torchvision's order), in a fixed shuffled order (seed 0), so
     that --subset takes every class; exits with one clear message on a wrong layout or image."""
     folder = os.path.join(root, split)
-    found = sorted(d for d in os.listdir(folder)
-                   if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))  # not .ipynb_checkpoints
+    found = sorted(d for d in os.listdir(folder)  # hidden folders (.ipynb_checkpoints) are no class
+                   if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
     if found != sorted(CIFAR10_CLASSES):
         sys.exit(f"{folder} must hold one folder per CIFAR-10 class ({', '.join(CIFAR10_CLASSES)}); "
                  f"found {', '.join(found) or 'none'}")

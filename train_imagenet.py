@@ -805,7 +805,8 @@ def main(argv=None):
             probe_acc = (counts[0] / counts[1]).item()
             # every rank holds the same weights, probe and running moments (DDP, the probe's all-reduce;
             # the monitor of the other losses keeps each rank's moments until this all-reduce)
-            peira_loss.all_reduce_moments()
+            if args.loss != "peira":
+                peira_loss.all_reduce_moments()
             check_replicas([*model.parameters(), *probe.parameters(), peira_loss.N, peira_loss.S], world,
                            "weights or running moments")
             # log and checkpoint (rank 0)

@@ -474,7 +474,7 @@ def train(name, args, pos, actions, held_out, device):
     without = []
     if name == "pldm":  # the ablations drop PLDM's terms only
         without = [term for term in args.without.split(",") if term]
-    # also the checkpoint's name; the seed in it, so that --seed 1 does not overwrite seed 0's model
+    # also the checkpoint's name, with the seed in it (s ≠ 0): models of several seeds share one --out
     seed = [f"seed{args.seed}"] if args.seed else []
     label = "-".join([name] + [f"without-{term}" for term in without] + seed)
     torch.manual_seed(args.seed)
