@@ -176,7 +176,7 @@ class _AuxLossFromFactor(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, L, S, lam):
         batch = x.shape[0] // 2
-        a = torch.cholesky_solve(x.T, L).T                      # rows (Qu)ᵀ then (Qv)ᵀ
+        a = _solve_rows(L, x)                                   # rows (Qu)ᵀ then (Qv)ᵀ
         Sa = a @ S                                              # S symmetric: rows (S a)ᵀ
         fit = (a * (Sa - x.roll(batch, 0))).sum()               # partner rows: v for u, u for v
         ctx.save_for_backward(x, L, Sa, a.roll(batch, 0))
@@ -187,8 +187,15 @@ class _AuxLossFromFactor(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, L, Sa, a_swapped = ctx.saved_tensors
-        grad_x = torch.cholesky_solve(Sa.T, L).T - a_swapped + ctx.lam * x
+        grad_x = _solve_rows(L, Sa) - a_swapped + ctx.lam * x
         return grad_x * (grad / (x.shape[0] // 2)), None, None, None
+
+
+def _solve_rows(L, x):
+    """x Q = x L⁻ᵀ L⁻¹ for rows x (m, k), L the Cholesky factor of Q⁻¹: two triangular solves from
+    the right on x as it lies in memory (twice as fast on CPUs as cholesky_solve on xᵀ)."""
+    return torch.linalg.solve_triangular(L, torch.linalg.solve_triangular(L.mT, x, upper=True, left=False),
+                                         upper=False, left=False)
 
 
 # -----------------------------------------------------------------------------
@@ -469,7 +476,7 @@ def canonical_correlations_with_null(u, v, generator=None, shuffles=5):
 
     Running moments average about B(2 − η)/η samples, often not many more than k: their canonical
     correlations (stats) mostly measure that noise. Here n should be large against k (e.g. two
-    augmented views of every training image). The shuffle draws from generator (on v's device).
+    augmented views of each of 64 k images). The shuffle draws from generator (on v's device).
     """
     _check_pair(u, v)
     u, v = u.detach().double(), v.detach().double()

@@ -444,6 +444,22 @@ def test_canonical_correlations_separate_signal_from_their_null(seed):
     assert (small > 0.3).sum() > 10
 
 
+def test_view_correlations_of_collapsed_embeddings_read_no_direction():
+    """A projector that maps every image to one point (PEIRA at a λ above every correlation can end
+    there): train_cifar's per-epoch diagnostic reports no direction instead of failing."""
+    torch.manual_seed(0)
+    model = tc.SSLModel("peira", 4, [8, 8])
+    last = model.projector[-1]
+    nn.init.zeros_(last.weight)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    stats = tc.view_correlations(model, images, 0.7, 0, 0, torch.device("cpu"), 0, 1)
+    assert (stats["signal_dims"], stats["kept_dims"], stats["corr_top"]) == (0, 0, 0.0)
+    assert math.isnan(stats["null_level"])
+    nn.init.normal_(last.weight)  # the same images with a live projector: directions to read
+    stats = tc.view_correlations(model, images, 0.7, 0, 0, torch.device("cpu"), 0, 1)
+    assert not math.isnan(stats["null_level"])
+
+
 # -----------------------------------------------------------------------------
 # two processes (gloo) against one process on the concatenated batch
 
@@ -1127,6 +1143,11 @@ def test_image_benchmark_statistics_and_trials(capsys):
     args = tc.parse_args(bench_images.run_argv("d", "o", "peira", trial, 2, setting))
     assert (args.lam, args.lars, args.seed, args.width, args.proj) == (0.3, "solo-learn", 2, setting["width"],
                                                                        setting["proj"])
+    assert args.bf16 == setting["bf16"]
+    # the λ sweep's extra runs are drawn, never chosen: PEIRA's choice has as many candidates as the others'
+    sweep = bench_images.lam_sweep_runs()
+    assert [t["lam"] for t in sweep] == list(bench_images.LAM_SWEEP)
+    assert [t for t in sweep if t not in bench_images.TRIALS["peira"]] == [{"lam": 0.7, "lr": 1.0}]
 
 
 def test_simsiam_runs_its_own_cifar_recipe():
@@ -1790,6 +1811,24 @@ def test_sigreg_is_the_epps_pulley_integral_over_minus_3_to_3(data):
     units = directions / directions.norm(dim=0)
     expected = torch.stack([epps_pulley(frame @ u, FINE_T) for frame in z for u in units.T]).mean()
     assert tr.sigreg(z, None, directions).item() == pytest.approx(expected.item(), rel=2e-3)
+
+
+def test_sigreg_value_and_gradient_equal_its_17_knot_rule_through_autograd():
+    """sigreg's recurrence and closed-form gradient against the same rule written directly: the
+    trapezoid on the 33 knots of [−3, 3] (that is, the doubled 17 knots of [0, 3]) of the complex
+    characteristic function, differentiated by autograd in float64; 200 directions (two chunks)."""
+    torch.manual_seed(0)
+    directions = torch.randn(5, 200, dtype=torch.float64)
+    units = directions / directions.norm(dim=0)
+    knots = torch.linspace(-3, 3, 2 * tr.SIGREG_KNOTS - 1, dtype=torch.float64)
+    for shape in [(2, 64, 5), (64, 5)]:  # frames of samples, or samples alone
+        z = (torch.randn(*shape, dtype=torch.float64) * 1.5 + 0.3).requires_grad_()
+        frames = z if z.ndim == 3 else z[None]
+        expected = torch.stack([epps_pulley(frame @ u, knots) for frame in frames for u in units.T]).mean()
+        value = tr.sigreg(z, None, directions)
+        torch.testing.assert_close(value, expected, rtol=1e-10, atol=0)
+        grad, grad_expected = (torch.autograd.grad(x, z)[0] for x in (value, expected))
+        torch.testing.assert_close(grad, grad_expected, rtol=1e-9, atol=1e-12)
 
 
 def test_sigreg_draws_1024_directions_and_integrates_over_both_signs_of_t():

@@ -380,17 +380,69 @@ def sigreg(z, gen, directions=None):
     if directions is None:
         directions = torch.randn(z.shape[-1], SIGREG_DIRECTIONS, generator=gen)
     projections = z @ F.normalize(directions.to(z), dim=0)              # (..., N, M)
-    # the integrand is even in t: the trapezoid rule on [0, 3] doubled (weights 2 dt, dt at both
-    # ends) covers t < 0 as well. One knot at a time: 2-3× faster on a CPU than a (..., N, M, knots)
-    # tensor, whose size makes the loop memory-bound
-    dt = SIGREG_T / (SIGREG_KNOTS - 1)
-    statistic = 0
-    for k in range(SIGREG_KNOTS):
-        t, gaussian = k * dt, math.exp(-(k * dt) ** 2 / 2)             # e^{−t²/2}: N(0, 1)'s φ and w
-        weight = (dt if k in (0, SIGREG_KNOTS - 1) else 2 * dt) * gaussian
-        tx = projections * t
-        statistic = statistic + weight * ((tx.cos().mean(-2) - gaussian) ** 2 + tx.sin().mean(-2) ** 2)
-    return z.shape[-2] * statistic.mean()
+    return z.shape[-2] * _EppsPulley.apply(projections).mean()
+
+
+SIGREG_DT = SIGREG_T / (SIGREG_KNOTS - 1)
+
+
+def _knot_waves(x):
+    """(k, cos(t_k x), sin(t_k x)) for SIGReg's knots t_k = k·dt, k = 1 .. SIGREG_KNOTS − 1 (the knot
+    t = 0 adds nothing: φ̂(0) = 1), by the three-term recurrence c_{k+1} = 2 cos(dt·x) c_k − c_{k−1}
+    (likewise sin): two fused products a knot instead of a cosine and a sine."""
+    c, s = (SIGREG_DT * x).cos(), (SIGREG_DT * x).sin()
+    two_c1, c_prev, s_prev = 2 * c, torch.ones_like(x), torch.zeros_like(x)
+    for k in range(1, SIGREG_KNOTS):
+        if k > 1:
+            c, c_prev = torch.addcmul(-c_prev, two_c1, c), c
+            s, s_prev = torch.addcmul(-s_prev, two_c1, s), s
+        yield k, c, s
+
+
+class _EppsPulley(torch.autograd.Function):
+    """Σ_k w_k ((C_k − g_k)² + S_k²) over dim −2 of x (..., N, M), with C_k, S_k the means over N of
+    cos(t_k x), sin(t_k x), g_k = exp(−t_k²/2), and w_k the trapezoid weights on [0, 3] doubled (the
+    integrand is even in t: weights 2 dt, dt at both ends, cover t < 0 as well) times g_k. The gradient
+    in closed form, ∂/∂x_n = Σ_k 2 w_k t_k (S_k cos(t_k x_n) − (C_k − g_k) sin(t_k x_n)) / N; both passes
+    go through chunks of CHUNK directions that stay in cache: 3× faster on a CPU than cos and sin at
+    every knot through autograd."""
+    CHUNK = 128
+
+    @staticmethod
+    def knot(k):
+        """(t_k, g_k = e^{−t_k²/2}, N(0, 1)'s characteristic function and the weight's kernel, w_k)."""
+        t = k * SIGREG_DT
+        gaussian = math.exp(-t ** 2 / 2)
+        return t, gaussian, (SIGREG_DT if k in (0, SIGREG_KNOTS - 1) else 2 * SIGREG_DT) * gaussian
+
+    @staticmethod
+    def forward(ctx, x):
+        statistic = x.new_zeros(x.shape[:-2] + x.shape[-1:])
+        # the gradient's coefficients 2 w_k t_k (C_k − g_k) and 2 w_k t_k S_k, (knots, 2, ..., 1, M)
+        coefs = x.new_zeros((SIGREG_KNOTS, 2) + x.shape[:-2] + (1, x.shape[-1]))
+        for j in range(0, x.shape[-1], _EppsPulley.CHUNK):
+            cols = slice(j, j + _EppsPulley.CHUNK)
+            for k, c, s in _knot_waves(x[..., cols]):
+                t, gaussian, weight = _EppsPulley.knot(k)
+                cos_gap, sin_mean = c.mean(-2, keepdim=True) - gaussian, s.mean(-2, keepdim=True)
+                statistic[..., cols] += weight * (cos_gap.square() + sin_mean.square()).squeeze(-2)
+                coefs[k, 0, ..., cols] = 2 * weight * t * cos_gap
+                coefs[k, 1, ..., cols] = 2 * weight * t * sin_mean
+        ctx.save_for_backward(x, coefs)
+        return statistic
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, coefs = ctx.saved_tensors
+        grad_x = torch.empty_like(x)
+        for j in range(0, x.shape[-1], _EppsPulley.CHUNK):
+            cols = slice(j, j + _EppsPulley.CHUNK)
+            acc = torch.zeros_like(x[..., cols])
+            for k, c, s in _knot_waves(x[..., cols]):
+                acc.addcmul_(coefs[k, 1, ..., cols], c).addcmul_(coefs[k, 0, ..., cols], s, value=-1)
+            grad_x[..., cols] = acc * (grad[..., None, cols] / x.shape[-2])
+        return grad_x
 
 
 def world_model_loss(name, model, obs, actions, peira_loss, idm, gen, without=()):
