@@ -1,6 +1,6 @@
 """Speed: PEIRA's loss against its explicit formula, the data pipeline, and each loss's training step.
 
-    python bench.py                                              # CPU: the four tables, about 10 min
+    python bench.py                                              # CPU: the four tables, about 5 min
     python bench.py --tables loss,augment                        # some of them
     python bench.py --width 64 --batch-size 256 --bf16 --compile # GPU: PEIRA's CIFAR-10 set-up
 
