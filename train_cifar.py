@@ -829,7 +829,7 @@ class ResNet18(nn.Module):
             cin = cout
         self.blocks = nn.Sequential(*blocks)
         self.dim = w[-1]
-        self.to(memory_format=torch.channels_last)  # NHWC: 1.3× (float32) to 2× (bf16) faster on CPUs
+        self.to(memory_format=torch.channels_last)  # NHWC: the faster convolutions of oneDNN and cuDNN
 
     def forward(self, x):
         x = x.contiguous(memory_format=torch.channels_last)
