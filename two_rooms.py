@@ -101,6 +101,7 @@ MAX_STEPS = 200                 # episode length (PLDM)
 PLDM_COEFFS = {"pred": 1.0, "var": 3.9843, "cov": 6.9238, "var_t": 0.24535, "sim_t": 0.74242, "idm": 1.072}
 LEWM_SIGREG = 0.09              # LeWM: prediction + 0.09 · SIGReg
 SIGREG_DIRECTIONS, SIGREG_KNOTS, SIGREG_T = 1024, 17, 3.0  # LeWM's: 1024 projections, 17 knots on [0, 3]
+SIGREG_DT = SIGREG_T / (SIGREG_KNOTS - 1)  # the knots' spacing
 PEIRA_ETA = (0.9, 0.5)          # running-moment weight, annealed linearly
 
 
@@ -383,9 +384,6 @@ def sigreg(z, gen, directions=None):
     return z.shape[-2] * _EppsPulley.apply(projections).mean()
 
 
-SIGREG_DT = SIGREG_T / (SIGREG_KNOTS - 1)
-
-
 def _knot_waves(x):
     """(k, cos(t_k x), sin(t_k x)) for SIGReg's knots t_k = k·dt, k = 1 .. SIGREG_KNOTS − 1 (the knot
     t = 0 adds nothing: φ̂(0) = 1), by the three-term recurrence c_{k+1} = 2 cos(dt·x) c_k − c_{k−1}
@@ -410,10 +408,11 @@ class _EppsPulley(torch.autograd.Function):
 
     @staticmethod
     def knot(k):
-        """(t_k, g_k = e^{−t_k²/2}, N(0, 1)'s characteristic function and the weight's kernel, w_k)."""
+        """(t_k, g_k = e^{−t_k²/2}, N(0, 1)'s characteristic function and the weight's kernel, w_k)
+        for k ≥ 1 (the knot t = 0 adds nothing)."""
         t = k * SIGREG_DT
         gaussian = math.exp(-t ** 2 / 2)
-        return t, gaussian, (SIGREG_DT if k in (0, SIGREG_KNOTS - 1) else 2 * SIGREG_DT) * gaussian
+        return t, gaussian, (SIGREG_DT if k == SIGREG_KNOTS - 1 else 2 * SIGREG_DT) * gaussian
 
     @staticmethod
     def forward(ctx, x):
