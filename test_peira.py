@@ -1929,10 +1929,10 @@ def test_plan_and_two_rooms_reject_nonsense_flags(tiny_two_rooms, tmp_path, caps
 
 
 def test_plan_summarises_objectives_over_training_seeds(capsys):
-    """plan.py groups model rows by objective over the seeds in their labels (no suffix: seed 0) and
-    prints PEIRA's success minus each other objective's, seed by seed over the seeds both have,
-    averaged, with its 95% t interval computed here directly (t_0.975, 2 degrees of freedom:
-    4.302652729911275)."""
+    """plan.py groups model rows by objective over the training seeds named in their labels (no
+    suffix: seed 0) and prints PEIRA's success minus each other objective's for each training seed
+    that both objectives have, averaged, with its 95% t interval computed here directly (t_0.975, 2
+    degrees of freedom: 4.302652729911275)."""
     rows = [{"method": m, "success": s} for m, s in [
         ("random", 0.01), ("true dynamics + planner, position cost", 1.0), ("peira + planner", 0.90),
         ("peira-seed1 + planner", 0.95), ("peira-seed2 + planner", 0.92), ("pldm + planner", 0.94),
