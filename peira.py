@@ -53,23 +53,25 @@ __all__ = [
 # -----------------------------------------------------------------------------
 # moments
 
-def _moment_sums(u, v):
-    """Sums over the batch: (Σ uuᵀ + vvᵀ, Σ uvᵀ + vuᵀ, Σ u, Σ v), in float32 or float64. Two
-    products instead of three: with p = u + v and m = u − v, Σ ppᵀ ± Σ mmᵀ = 2 Σ(uuᵀ + vvᵀ) and
-    2 Σ(uvᵀ + vuᵀ)."""
+def _moment_sums(u, v, scale=1.0):
+    """scale · (Σ uuᵀ + vvᵀ, Σ uvᵀ + vuᵀ) over the batch, and Σ u, Σ v, in float32 or float64. Two
+    products instead of three: with p = u + v and m = u − v, ppᵀ + mmᵀ = 2(uuᵀ + vvᵀ) and ppᵀ − mmᵀ =
+    2(uvᵀ + vuᵀ). The factor scale / 2 rides in the products and the sums are formed in place: a
+    fresh k×k temporary costs more than its arithmetic (the first touch of its memory)."""
     with _no_autocast(u):
         u, v = u.to(_compute_dtype(u)), v.to(_compute_dtype(u))
         p, m = u + v, u - v
-        pp, mm = p.T @ p, m.T @ m
-        return torch.add(pp, mm).mul_(0.5), pp.sub_(mm).mul_(0.5), u.sum(0), v.sum(0)
+        zero = p.new_zeros(())  # addmm's input, ignored at beta = 0: a product scaled for free
+        pp = torch.addmm(zero, p.mT, p, beta=0, alpha=scale / 2)
+        mm = torch.addmm(zero, m.mT, m, beta=0, alpha=scale / 2)
+        sum_nn = pp.add_(mm)
+        return sum_nn, mm.mul_(-2).add_(sum_nn), u.sum(0), v.sum(0)  # ½(ppᵀ + mmᵀ), ½(ppᵀ − mmᵀ)
 
 
-def _moments_from_sums(sum_nn, sum_ss, sum_u, sum_v, n, center):
-    N, S = sum_nn / n, sum_ss / n
-    if center:  # E[(u - m_u)(u - m_u)ᵀ] = E[uuᵀ] - m_u m_uᵀ, and likewise for the others
-        mu, mv = sum_u / n, sum_v / n
-        N = N - torch.outer(mu, mu) - torch.outer(mv, mv)
-        S = S - torch.outer(mu, mv) - torch.outer(mv, mu)
+def _center_(N, S, mean_u, mean_v):
+    """Centred moments, in place: E[(u − m_u)(u − m_u)ᵀ] = E[uuᵀ] − m_u m_uᵀ, and likewise."""
+    N.addr_(mean_u, mean_u, alpha=-1).addr_(mean_v, mean_v, alpha=-1)
+    S.addr_(mean_u, mean_v, alpha=-1).addr_(mean_v, mean_u, alpha=-1)
     return N, S
 
 
@@ -87,7 +89,7 @@ def moments(u, v, center=False):
     with _no_autocast(u):
         if center:
             u, v = u - u.mean(0), v - v.mean(0)
-        return _moments_from_sums(*_moment_sums(u, v), u.shape[0], center=False)
+        return _moment_sums(u, v, 1 / u.shape[0])[:2]
 
 
 # -----------------------------------------------------------------------------
@@ -164,38 +166,52 @@ def aux_loss_from_moments(u, v, N, S, lam):
         shifted = N.clone()
         shifted.diagonal().add_(lam)
         L, info = torch.linalg.cholesky_ex(shifted)
-        loss = _AuxLossFromFactor.apply(torch.cat([u, v]).to(dtype), L, S, lam)
+        x = torch.cat([u.mT, v.mT], 1).to(dtype).mT  # rows u then v, column-major: read by the solves as is
+        loss = _AuxLossFromFactor.apply(x, L, S, lam)
         return loss + torch.where(info == 0, 0.0, math.nan).to(dtype)
 
 
 class _AuxLossFromFactor(torch.autograd.Function):
     """aux_loss_from_moments on the stacked rows x = [u; v] (2B, k), with L the Cholesky factor of
-    N + λI. Forward: a = Qx (rows), the fit Σ aᵀ(S a − x_swapped); backward in closed form, the
-    auxiliary gradient (Q S a − a_swapped + λx) / B: one more solve, no product by S."""
+    N + λI. Forward: a = Qx (rows), the fit Σ aᵀ(S a − x_partner); backward in closed form, the
+    auxiliary gradient (Q S a − a_partner + λx) / B: one more solve, no product by S. x is column-
+    major, as the solves leave their results: every elementwise step then reads one layout."""
 
     @staticmethod
     def forward(ctx, x, L, S, lam):
         batch = x.shape[0] // 2
         a = _solve_rows(L, x)                                   # rows (Qu)ᵀ then (Qv)ᵀ
-        Sa = a @ S                                              # S symmetric: rows (S a)ᵀ
-        fit = (a * (Sa - x.roll(batch, 0))).sum()               # partner rows: v for u, u for v
-        ctx.save_for_backward(x, L, Sa, a.roll(batch, 0))
+        Sa = (S @ a.mT).mT                                      # rows (S a)ᵀ (S symmetric), column-major
+        # the partner terms: u's partner is v and v's is u, and (Qu)ᵀv = (Qv)ᵀu, so they are twice Σ (Qu)ᵀv
+        fit = _dot(a, Sa) - 2 * (a[:batch] * x[batch:]).sum()
+        ctx.save_for_backward(x, L, Sa, a)
         ctx.lam = lam
-        return 0.5 * (fit + lam * x.square().sum()) / batch
+        return 0.5 * (fit + lam * _dot(x, x)) / batch
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        x, L, Sa, a_swapped = ctx.saved_tensors
-        grad_x = _solve_rows(L, Sa) - a_swapped + ctx.lam * x
-        return grad_x * (grad / (x.shape[0] // 2)), None, None, None
+        x, L, Sa, a = ctx.saved_tensors
+        batch = x.shape[0] // 2
+        grad_x = _solve_rows(L, Sa)                             # Q S a, then in place:
+        grad_x[:batch] -= a[batch:]                             # − the partner's a
+        grad_x[batch:] -= a[:batch]
+        return grad_x.add_(x, alpha=ctx.lam).mul_(grad / batch), None, None, None
 
 
 def _solve_rows(L, x):
     """x Q = x L⁻ᵀ L⁻¹ for rows x (m, k), L the Cholesky factor of Q⁻¹: two triangular solves from
-    the right on x as it lies in memory, no transposed copy."""
+    the right. LAPACK's solves work on column-major matrices: x column-major is read without a
+    transposed copy, and the result is column-major too."""
     return torch.linalg.solve_triangular(L, torch.linalg.solve_triangular(L.mT, x, upper=True, left=False),
                                          upper=False, left=False)
+
+
+def _dot(a, b):
+    """Σ a ∘ b for two matrices of one layout (row- or column-major), without a temporary."""
+    if not a.is_contiguous():
+        a, b = a.mT, b.mT
+    return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
 # -----------------------------------------------------------------------------
@@ -307,34 +323,38 @@ class PEIRALoss(nn.Module):
         such a batch is zeroed before the products and weighted 0, so nothing waits for the host.
         Returns the batch's (global) means and whether it was finite."""
         u, v = u.detach().to(_compute_dtype(u)), v.detach().to(_compute_dtype(u))
-        bad = ~torch.isfinite(u.square().sum() + v.square().sum())  # NaN, inf, or squares overflowing
+        bad = ~torch.isfinite(_dot(u, u) + _dot(v, v))  # NaN, inf, or squares overflowing
         u, v = torch.where(bad, 0.0, u), torch.where(bad, 0.0, v)
-        sum_nn, sum_ss, sum_u, sum_v, n, bad = self._sums(u, v, bad, all_reduce)
+        N, S, mean_u, mean_v, bad = self._batch_moments(u, v, bad, all_reduce)
         finite = ~bad
-        N, S = _moments_from_sums(sum_nn, sum_ss, sum_u, sum_v, n, self.center)
+        var = N.diagonal() - mean_u.square() - mean_v.square()  # per-dim var u + var v
+        std = (var / 2).clamp_min(0).sqrt().mean()
+        self.embedding_std.lerp_(std.to(self.embedding_std.dtype), finite.to(self.embedding_std.dtype))
+        if self.center:
+            _center_(N, S, mean_u, mean_v)
         weight = torch.where(self.steps == 0, 1.0, self.eta_now).to(self.N.dtype) * finite
         self.N.lerp_(N.to(self.N.dtype), weight)
         self.S.lerp_(S.to(self.S.dtype), weight)
         self.steps += finite.long()
         self.non_finite_steps += bad.long()
-        var = sum_nn.diagonal() / n - (sum_u / n) ** 2 - (sum_v / n) ** 2  # per-dim var u + var v
-        std = (var / 2).clamp_min(0).sqrt().mean()
-        self.embedding_std.lerp_(std.to(self.embedding_std.dtype), finite.to(self.embedding_std.dtype))
-        return sum_u / n, sum_v / n, finite
+        return mean_u, mean_v, finite
 
-    def _sums(self, u, v, bad, all_reduce):
-        """Moment sums over the batch, its size and whether a batch was non-finite; the global
-        batch's when distributed (one all_reduce, of one triangle of each symmetric sum)."""
+    def _batch_moments(self, u, v, bad, all_reduce):
+        """The batch's moments N, S and means, and whether it was non-finite; the global batch's when
+        distributed (one all_reduce of its sums, one triangle of each symmetric one)."""
+        if not (all_reduce and dist.is_available() and dist.is_initialized()):
+            n = u.shape[0]
+            N, S, sum_u, sum_v = _moment_sums(u, v, 1 / n)
+            return N, S, sum_u / n, sum_v / n, bad
         sum_nn, sum_ss, sum_u, sum_v = _moment_sums(u, v)
         n = torch.full((), u.shape[0], dtype=sum_u.dtype, device=sum_u.device)  # made on the device: no copy
-        if all_reduce and dist.is_available() and dist.is_initialized():
-            flat = torch.cat([_pack_symmetric(sum_nn, sum_ss), sum_u, sum_v, n[None], bad.to(n.dtype)[None]])
-            dist.all_reduce(flat)
-            k = self.dim
-            sum_nn, sum_ss = _unpack_symmetric(flat[:k * k + k], k)
-            sum_u, sum_v = flat[k * k + k:k * k + 2 * k], flat[k * k + 2 * k:-2]
-            n, bad = flat[-2], flat[-1] > 0
-        return sum_nn, sum_ss, sum_u, sum_v, n, bad
+        flat = torch.cat([_pack_symmetric(sum_nn, sum_ss), sum_u, sum_v, n[None], bad.to(n.dtype)[None]])
+        dist.all_reduce(flat)
+        k = self.dim
+        sum_nn, sum_ss = _unpack_symmetric(flat[:k * k + k], k)
+        sum_u, sum_v = flat[k * k + k:k * k + 2 * k], flat[k * k + 2 * k:-2]
+        n, bad = flat[-2], flat[-1] > 0
+        return sum_nn.div_(n), sum_ss.div_(n), sum_u / n, sum_v / n, bad
 
     @property
     def P(self):
