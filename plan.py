@@ -170,6 +170,40 @@ class DistanceField:
         return self.D[e, ij[..., 0].clamp(0, 2 * LATTICE), ij[..., 1].clamp(0, 2 * LATTICE)]
 
 
+STEP_BANDS = (0, 8, 16, 24, 32, 48)  # bands of true steps to the goal: [0, 8), [8, 16), ..., [48, ∞)
+PROFILE_GOALS = 20  # goals (the first episodes') over which distance_profile averages
+
+
+@torch.no_grad()
+def distance_profile(embed, goals):
+    """How far from a goal a model's latent distance still points the way; embed(positions (n, 2)) →
+    embeddings (n, d). For each goal, over every free position x of the arena, the latent distance
+    ‖z(x) − z_goal‖ against the true number of steps from x to the goal; averaged over the goals: their
+    Spearman correlation, the same with the latent distances shuffled across positions (the null:
+    about 0), the mean latent distance in each band of true steps (STEP_BANDS) as a fraction of the
+    largest band's, and the basin radius, the lower edge of the first band at 90% of the largest:
+    beyond it the map is about flat, and a planner's rollouts that end there see no slope to follow."""
+    from scipy.stats import spearmanr
+    offsets = torch.arange(-LATTICE, LATTICE + 1) * tr.STEP
+    gen = torch.Generator().manual_seed(0)
+    rho, null, profiles = [], [], []
+    for goal in goals:
+        grid = (goal + torch.stack(torch.meshgrid(offsets, offsets, indexing="ij"), -1)).reshape(-1, 2)
+        steps = DistanceField(goal[None], goal[None])(grid[None], torch.tensor([0]))[0]
+        grid, steps = grid[steps.isfinite()], steps[steps.isfinite()]  # free, reachable positions
+        latent = (embed(grid) - embed(goal[None])).norm(dim=-1)
+        rho.append(spearmanr(steps, latent).statistic)
+        null.append(spearmanr(steps, latent[torch.randperm(len(latent), generator=gen)]).statistic)
+        band = torch.bucketize(steps, torch.tensor(STEP_BANDS[1:], dtype=steps.dtype), right=True)
+        profiles.append([latent[band == b].mean().item() if (band == b).any() else math.nan
+                         for b in range(len(STEP_BANDS))])
+    profile = torch.tensor(profiles).nanmean(0)
+    profile = profile / profile.nan_to_num(0).max()
+    radius = next(STEP_BANDS[b] for b in range(len(STEP_BANDS)) if profile[b] >= 0.9)
+    return {"spearman": sum(rho) / len(rho), "spearman_shuffled": sum(null) / len(null),
+            "basin_radius": radius, "profile": profile.tolist()}
+
+
 def oracle_action(field, pos, episodes):
     """Shortest-path oracle: the move with the fewest steps to go."""
     cand = tr.move(pos[:, None], torch.arange(4)[None].expand(len(pos), -1))
@@ -385,14 +419,23 @@ def main(argv=None):
 
     # every policy on the same start/goal pairs
     rows, paths = [], {}
+    true_steps = field(starts, torch.arange(len(starts)))  # each pair's shortest path, in steps
+    cuts = true_steps.quantile(torch.tensor([1 / 3, 2 / 3]), interpolation="lower")
+    third = torch.bucketize(true_steps, cuts)  # the pairs in thirds by length: ≤ cut 1, ≤ cut 2, longer
+    cuts = cuts.tolist()
     for name, policy in tqdm(policies.items(), desc="methods", leave=False):
         success, steps, path, per_step = run_episodes(policy, starts, goals)
         successes = int(success.sum())
         lo, hi = wilson(successes, args.episodes)
         rows.append({"method": name, "success": successes / args.episodes, "ci95": [lo, hi],
                      "mean_steps": steps[success].float().mean().item() if successes else None,
-                     "plan_ms_per_step": 1e3 * per_step})
+                     "plan_ms_per_step": 1e3 * per_step,
+                     "success_by_length": [success[third == i].float().mean().item() for i in range(3)]})
         paths[name] = path
+    for name, (model, _) in models.items():  # how far each model's latent distance points the way
+        embed = lambda pos, model=model: model.encode(tr.render(pos, model.res))  # noqa: E731
+        next(row for row in rows if row["method"] == f"{name} + planner")["distance_profile"] = \
+            distance_profile(embed, goals[:PROFILE_GOALS])
 
     # the table, plan.json and the figures
     print(f"\nTwo Rooms, {args.episodes} episodes (start/goal seed {args.seed}), success within "
@@ -403,6 +446,22 @@ def main(argv=None):
         lo, hi = (100 * x for x in row["ci95"])
         print(f"| {row['method']} | {100 * row['success']:.0f}% | {lo:.0f}–{hi:.0f}% | "
               f"{steps} | {row['plan_ms_per_step']:.1f} |")
+    lengths = (f"≤ {cuts[0]:.0f}", f"{cuts[0]:.0f}–{cuts[1]:.0f}", f"> {cuts[1]:.0f}")
+    print(f"\n| method | success, shortest path {' | '.join(lengths)} steps |\n|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['method']} | " + " | ".join(f"{100 * s:.0f}%" for s in row["success_by_length"])
+              + " |")
+    bands = [f"{a}–{b}" for a, b in zip(STEP_BANDS, STEP_BANDS[1:])] + [f"≥ {STEP_BANDS[-1]}"]
+    print(f"\nLatent distance ‖z(x) − z_goal‖ against true steps from x to the goal, over the arena, "
+          f"{min(PROFILE_GOALS, len(goals))} goals; its mean by band of true steps, as a fraction of the "
+          "largest"
+          f"\n\n| model | Spearman ρ (shuffled) | basin radius (steps) | {' | '.join(bands)} |"
+          "\n|---|---|---|" + "---|" * len(bands))
+    for row in rows:
+        if "distance_profile" in row:
+            p, name = row["distance_profile"], row["method"][:-len(" + planner")]
+            print(f"| {name} | {p['spearman']:.2f} ({p['spearman_shuffled']:+.2f}) | {p['basin_radius']} | "
+                  + " | ".join(f"{x:.2f}" for x in p["profile"]) + " |")
     print_seed_summary(by_objective(rows))
     with open(os.path.join(args.out, "plan.json"), "w") as fh:
         json.dump({"config": vars(args), "rows": rows}, fh, indent=1)

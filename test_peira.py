@@ -1737,6 +1737,25 @@ def test_planner_with_the_true_dynamics_reaches_95_percent_of_cross_room_pairs()
     assert (steps >= oracle_steps).all()  # nothing beats the shortest path
 
 
+def test_distance_profile_reads_how_far_a_latent_distance_keeps_rising():
+    """distance_profile on embeddings made of the true steps to the goal: z = steps correlates with them
+    perfectly and rises to the farthest band (basin radius 48); z = min(steps, 20) is flat beyond 20
+    steps, so its basin radius is the band [16, 24), whose mean is above 0.9 · 20, and every farther
+    band reads 1. Shuffled across positions, the correlation is about 0."""
+    goal = torch.tensor([[44.0, 30.0]])
+    field = plan.DistanceField(goal, goal)
+
+    def steps_to_goal(pos):
+        return field(pos[None], torch.tensor([0]))[0][:, None]
+
+    linear = plan.distance_profile(steps_to_goal, goal)
+    assert linear["spearman"] == pytest.approx(1.0) and abs(linear["spearman_shuffled"]) < 0.1
+    assert linear["basin_radius"] == 48 and linear["profile"][-1] == 1.0
+    saturated = plan.distance_profile(lambda pos: steps_to_goal(pos).clamp(max=20), goal)
+    assert saturated["basin_radius"] == 16 and saturated["profile"][3:] == pytest.approx([1.0] * 3)
+    assert saturated["profile"][1] < 0.9
+
+
 def test_two_rooms_and_plan_end_to_end(tmp_path):
     tr.main(["--out", str(tmp_path), "--steps", "4", "--trajectories", "64", "--length", "24", "--res", "16",
              "--batch-size", "8"])
