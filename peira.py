@@ -64,8 +64,8 @@ def _moment_sums(u, v, scale=1.0):
         zero = p.new_zeros(())  # addmm's input, ignored at beta = 0: a product scaled for free
         pp = torch.addmm(zero, p.mT, p, beta=0, alpha=scale / 2)
         mm = torch.addmm(zero, m.mT, m, beta=0, alpha=scale / 2)
-        sum_nn = pp.add_(mm)
-        return sum_nn, mm.mul_(-2).add_(sum_nn), u.sum(0), v.sum(0)  # ½(ppᵀ + mmᵀ), ½(ppᵀ − mmᵀ)
+        sum_nn = pp.add_(mm)                                   # scale · ½(ppᵀ + mmᵀ)
+        return sum_nn, mm.mul_(-2).add_(sum_nn), u.sum(0), v.sum(0)  # and scale · ½(ppᵀ − mmᵀ)
 
 
 def _center_(N, S, mean_u, mean_v):
@@ -208,7 +208,8 @@ def _solve_rows(L, x):
 
 
 def _dot(a, b):
-    """Σ a ∘ b for two matrices of one layout (row- or column-major), without a temporary."""
+    """Σ a ∘ b for two matrices of the same shape: without a temporary when both are row-major or both
+    column-major, through a copy otherwise."""
     if not a.is_contiguous():
         a, b = a.mT, b.mT
     return torch.dot(a.reshape(-1), b.reshape(-1))

@@ -177,12 +177,15 @@ PROFILE_GOALS = 20  # goals (the first episodes') over which distance_profile av
 @torch.no_grad()
 def distance_profile(embed, goals):
     """How far from a goal a model's latent distance still points the way; embed(positions (n, 2)) →
-    embeddings (n, d). For each goal, over every free position x of the arena, the latent distance
-    ‖z(x) − z_goal‖ against the true number of steps from x to the goal; averaged over the goals: their
-    Spearman correlation, the same with the latent distances shuffled across positions (the null:
-    about 0), the mean latent distance in each band of true steps (STEP_BANDS) as a fraction of the
-    largest band's, and the basin radius, the lower edge of the first band at 90% of the largest:
-    beyond it the map is about flat, and a planner's rollouts that end there see no slope to follow."""
+    embeddings (n, d). For each goal, over the positions x reachable on its lattice goal + STEP·(i, j)
+    (the whole arena), the latent distance ‖z(x) − z_goal‖ against the steps x needs to come within
+    SUCCESS_DIST of the goal. Returns: their Spearman correlation, averaged over the goals (a goal whose
+    latent distances are all equal is left out), the same with the latent distances shuffled across
+    positions (the null: about 0); the mean latent distance in each band of steps (STEP_BANDS: [0, 8),
+    [8, 16), ..., [48, ∞)), averaged over the goals and divided by the largest of these band means; and
+    the basin radius, the lower edge of the first band at 0.9 or more (None for a map without one, e.g.
+    collapsed or non-finite embeddings): beyond it the map is about flat, and a planner's rollouts that
+    end there see no slope to follow."""
     from scipy.stats import spearmanr
     offsets = torch.arange(-LATTICE, LATTICE + 1) * tr.STEP
     gen = torch.Generator().manual_seed(0)
@@ -199,9 +202,9 @@ def distance_profile(embed, goals):
                          for b in range(len(STEP_BANDS))])
     profile = torch.tensor(profiles).nanmean(0)
     profile = profile / profile.nan_to_num(0).max()
-    radius = next(STEP_BANDS[b] for b in range(len(STEP_BANDS)) if profile[b] >= 0.9)
-    return {"spearman": sum(rho) / len(rho), "spearman_shuffled": sum(null) / len(null),
-            "basin_radius": radius, "profile": profile.tolist()}
+    radius = next((STEP_BANDS[b] for b in range(len(STEP_BANDS)) if profile[b] >= 0.9), None)
+    rho, null = torch.tensor(rho).nanmean().item(), torch.tensor(null).nanmean().item()
+    return {"spearman": rho, "spearman_shuffled": null, "basin_radius": radius, "profile": profile.tolist()}
 
 
 def oracle_action(field, pos, episodes):
@@ -430,7 +433,8 @@ def main(argv=None):
         rows.append({"method": name, "success": successes / args.episodes, "ci95": [lo, hi],
                      "mean_steps": steps[success].float().mean().item() if successes else None,
                      "plan_ms_per_step": 1e3 * per_step,
-                     "success_by_length": [success[third == i].float().mean().item() for i in range(3)]})
+                     "success_by_length": [success[third == i].float().mean().item() if (third == i).any()
+                                           else None for i in range(3)]})
         paths[name] = path
     for name, (model, _) in models.items():  # how far each model's latent distance points the way
         embed = lambda pos, model=model: model.encode(tr.render(pos, model.res))  # noqa: E731
@@ -446,12 +450,13 @@ def main(argv=None):
         lo, hi = (100 * x for x in row["ci95"])
         print(f"| {row['method']} | {100 * row['success']:.0f}% | {lo:.0f}–{hi:.0f}% | "
               f"{steps} | {row['plan_ms_per_step']:.1f} |")
-    lengths = (f"≤ {cuts[0]:.0f}", f"{cuts[0]:.0f}–{cuts[1]:.0f}", f"> {cuts[1]:.0f}")
+    lengths = [f"≤ {cuts[0]:.0f}", f"{cuts[0] + 1:.0f}–{cuts[1]:.0f}", f"> {cuts[1]:.0f}"]
+    lengths = [f"{label} ({int((third == i).sum())} pairs)" for i, label in enumerate(lengths)]
     print(f"\n| method | success, shortest path {' | '.join(lengths)} steps |\n|---|---|---|---|")
     for row in rows:
-        print(f"| {row['method']} | " + " | ".join(f"{100 * s:.0f}%" for s in row["success_by_length"])
-              + " |")
-    bands = [f"{a}–{b}" for a, b in zip(STEP_BANDS, STEP_BANDS[1:])] + [f"≥ {STEP_BANDS[-1]}"]
+        print(f"| {row['method']} | " + " | ".join("—" if s is None else f"{100 * s:.0f}%"
+                                                   for s in row["success_by_length"]) + " |")
+    bands = [f"{a}–{b - 1}" for a, b in zip(STEP_BANDS, STEP_BANDS[1:])] + [f"≥ {STEP_BANDS[-1]}"]
     print(f"\nLatent distance ‖z(x) − z_goal‖ against true steps from x to the goal, over the arena, "
           f"{min(PROFILE_GOALS, len(goals))} goals; its mean by band of true steps, as a fraction of the "
           "largest"
@@ -460,7 +465,8 @@ def main(argv=None):
     for row in rows:
         if "distance_profile" in row:
             p, name = row["distance_profile"], row["method"][:-len(" + planner")]
-            print(f"| {name} | {p['spearman']:.2f} ({p['spearman_shuffled']:+.2f}) | {p['basin_radius']} | "
+            radius = "—" if p["basin_radius"] is None else p["basin_radius"]
+            print(f"| {name} | {p['spearman']:.2f} ({p['spearman_shuffled']:+.2f}) | {radius} | "
                   + " | ".join(f"{x:.2f}" for x in p["profile"]) + " |")
     print_seed_summary(by_objective(rows))
     with open(os.path.join(args.out, "plan.json"), "w") as fh:

@@ -1741,7 +1741,8 @@ def test_distance_profile_reads_how_far_a_latent_distance_keeps_rising():
     """distance_profile on embeddings made of the true steps to the goal: z = steps correlates with them
     perfectly and rises to the farthest band (basin radius 48); z = min(steps, 20) is flat beyond 20
     steps, so its basin radius is the band [16, 24), whose mean is above 0.9 · 20, and every farther
-    band reads 1. Shuffled across positions, the correlation is about 0."""
+    band reads 1. Shuffled across positions, the correlation is about 0; collapsed embeddings have no
+    basin (None), without stopping the table."""
     goal = torch.tensor([[44.0, 30.0]])
     field = plan.DistanceField(goal, goal)
 
@@ -1754,6 +1755,9 @@ def test_distance_profile_reads_how_far_a_latent_distance_keeps_rising():
     saturated = plan.distance_profile(lambda pos: steps_to_goal(pos).clamp(max=20), goal)
     assert saturated["basin_radius"] == 16 and saturated["profile"][3:] == pytest.approx([1.0] * 3)
     assert saturated["profile"][1] < 0.9
+    with pytest.warns(Warning):  # scipy: a constant input has no correlation
+        collapsed = plan.distance_profile(lambda pos: torch.zeros(len(pos), 2), goal)
+    assert collapsed["basin_radius"] is None and math.isnan(collapsed["spearman"])  # a table cell, no crash
 
 
 def test_two_rooms_and_plan_end_to_end(tmp_path):
