@@ -17,6 +17,9 @@ same planner on the real dynamics with the wall-blind distance of positions, the
 that encodes position: its success is the planner's ceiling, so a reader can tell planner from
 model. All episodes are planned as one batch. Each row draws from its own generator, seeded from
 --seed and the row's name: a row's success and paths are the same planned alone or with others.
+Beside the success table: success by the length of the shortest path (the pairs in thirds), and how
+far each model's latent distance points the way (distance_profile: its rank correlation with the true
+steps to a goal over the arena, against a shuffled null, and where it stops rising).
 Writes --out/plan.json, --out/trajectories.png and --out/distance_maps.png (each model's latent
 distance to one goal over the arena).
 """
