@@ -70,11 +70,12 @@ SETTING = {"cifar10": dict(train_size=10000, val_size=2000, epochs=10, width=16,
                           bf16=True)}
 # the trials of each loss on the validation split, the same number for every loss: its learning rate
 # (LARS, convention --lars vicreg unless named; SimSiam's SGD per 256 images, its recipe 0.03), λ for
-# PEIRA, both LARS conventions for VICReg
+# PEIRA, both LARS conventions for VICReg. Each learning-rate grid has a worse trial on both sides of
+# its best: PEIRA's and VICReg's grids, first 0.3 / 1 / 3 with 3 best, moved to 1 / 3 / 10
 TRIALS = {
-    "peira": [{"lam": 0.1, "lr": 0.3}, {"lam": 0.1, "lr": 1.0}, {"lam": 0.1, "lr": 3.0},
+    "peira": [{"lam": 0.1, "lr": 1.0}, {"lam": 0.1, "lr": 3.0}, {"lam": 0.1, "lr": 10.0},
               {"lam": 0.03, "lr": 1.0}, {"lam": 0.3, "lr": 1.0}],
-    "vicreg": [{"lr": 0.3}, {"lr": 1.0}, {"lr": 3.0}, {"lr": 0.3, "lars": "solo-learn"},
+    "vicreg": [{"lr": 1.0}, {"lr": 3.0}, {"lr": 10.0}, {"lr": 0.3, "lars": "solo-learn"},
                {"lr": 1.0, "lars": "solo-learn"}],
     "simsiam": [{"lr_per_256": x} for x in (0.03, 0.06, 0.12, 0.24, 0.48)],
 }
