@@ -7,6 +7,7 @@ preprint, 2025, arXiv:2502.14819).
     python plan.py                              # every <model>.pt in out/two_rooms, 100 episodes
     python plan.py --models out/two_rooms/peira.pt --episodes 20
     python plan.py --seed 500                   # validation pairs: tune here, report --seed 1000
+    python plan.py --summary out/plan/plan.json,out/plan_peira/plan.json   # rows of two runs, summarised
 
 Planner (model-predictive control by random shooting): every step, --samples piecewise-constant
 sequences of the four actions (--segments constant pieces over --horizon steps) and the previous
@@ -53,6 +54,9 @@ parser.add_argument("--time-cost", type=float, default=0.003,
                     help="cost per step of the plan, relative to the current distance to the goal")
 parser.add_argument("--cost", default="latent", choices=("latent", "regressed"),
                     help="PEIRA's cost: ‖ẑ − z_goal‖ or ‖Pẑ − z_goal‖ with its regressor P")
+parser.add_argument("--summary", default="",
+                    help="plan nothing: the seed summary of the rows of these comma-separated plan.json "
+                         "files planned with the same settings (a later file's row replaces one of its name)")
 
 
 def segment_sequences(episodes, samples, horizon, segments, gen):
@@ -392,8 +396,33 @@ def print_seed_summary(groups):
                 print(f"| peira − {objective} | {100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] |")
 
 
+def summarise(paths):
+    """The seed summary of rows planned by separate runs of plan.py: rows are independent of each
+    other (each its own generator), so rows of runs with the same pairs and planner settings can be
+    put side by side; a row of a later file replaces an earlier one of the same name."""
+    rows, settings = {}, None
+    for path in paths:
+        try:
+            with open(path) as fh:
+                saved = json.load(fh)
+            config = {k: v for k, v in saved["config"].items() if k not in ("models", "out", "summary")}
+            planned = saved["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise SystemExit(f"{path} is not a plan.json of plan.py ({type(err).__name__}: {err})") from None
+        if settings is not None and config != settings:
+            raise SystemExit(f"{path} was planned with other settings than {paths[0]}: "
+                             f"{ {k: v for k, v in config.items() if settings.get(k) != v} }")
+        settings = config
+        rows.update({row["method"]: row for row in planned})
+    print(f"Rows of {', '.join(paths)} ({settings['episodes']} episodes, start/goal seed {settings['seed']})")
+    print_seed_summary(by_objective(rows.values()))
+    return list(rows.values())
+
+
 def main(argv=None):
     args = parser.parse_args(argv)
+    if args.summary:
+        return summarise(args.summary.split(","))
     if min(args.horizon, args.episodes, args.samples, args.segments, args.replan) < 1:
         parser.error("need --horizon, --episodes, --samples, --segments, --replan ≥ 1")
     if not 0 <= args.time_cost < math.inf:  # nan fails too

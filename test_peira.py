@@ -1889,6 +1889,37 @@ def test_plan_rows_are_the_same_planned_alone_or_with_others(tiny_two_rooms, tmp
         assert torch.equal(paths[0][method], paths[1][method]), method
 
 
+def test_plan_summary_of_separate_runs_equals_the_summary_of_one_run(tiny_two_rooms, tmp_path, monkeypatch,
+                                                                      capsys):
+    """Rows are independent, so the seed summary of two runs' plan.json (--summary) is that of the run
+    planning both; a later file's row replaces a same-named one; other planner settings are refused."""
+    monkeypatch.setattr(tr, "MAX_STEPS", 25)
+    monkeypatch.setattr(plan, "distance_maps", lambda *args: None)
+    flags = ["--episodes", "3", "--samples", "8", "--horizon", "8"]
+    peira_path, lewm_path = tiny_two_rooms / "peira.pt", tiny_two_rooms / "lewm.pt"
+    for name, models in (("both", f"{lewm_path},{peira_path}"), ("peira", str(peira_path)),
+                         ("lewm", str(lewm_path))):
+        plan.main(["--models", models, *flags, "--out", str(tmp_path / name)])
+    capsys.readouterr()
+    files = [str(tmp_path / name / "plan.json") for name in ("peira", "lewm")]
+    merged = plan.summarise(files)
+    both = json.loads((tmp_path / "both" / "plan.json").read_text())["rows"]
+    def untimed(rows):
+        return sorted(({k: v for k, v in r.items() if k != "plan_ms_per_step"} for r in rows),
+                      key=lambda r: r["method"])
+
+    assert untimed(merged) == untimed(both)
+    changed = json.loads((tmp_path / "lewm" / "plan.json").read_text())
+    changed["rows"][-1]["success"] = 0.123  # LeWM's row, planned again: the later file's is kept
+    (tmp_path / "again.json").write_text(json.dumps(changed))
+    rows = plan.main(["--summary", f"{files[1]},{tmp_path / 'again.json'}"])
+    assert [r["success"] for r in rows if r["method"] == "lewm + planner"] == [0.123]
+    changed["config"]["horizon"] = 16
+    (tmp_path / "other.json").write_text(json.dumps(changed))
+    with pytest.raises(SystemExit, match="other settings"):
+        plan.summarise([files[0], str(tmp_path / "other.json")])
+
+
 def test_two_rooms_seeds_share_a_folder_and_the_table_shows_each_objective(tiny_two_rooms, tmp_path, capsys):
     """--seed 1 writes peira-seed1.pt beside seed 0's peira.pt; the table's loss is each model's own
     objective (PEIRA's L_PEIRA, as logged, not its auxiliary loss)."""

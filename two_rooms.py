@@ -76,7 +76,8 @@ parser.add_argument("--predictor", default="mlp", choices=("mlp", "gru"),
 parser.add_argument("--steps", type=int, default=1000, help="Adam steps per model")
 parser.add_argument("--batch-size", type=int, default=64, help="windows per step")
 parser.add_argument("--lr", type=float, default=1e-3)
-parser.add_argument("--lam", type=float, default=0.1, help="PEIRA λ")
+parser.add_argument("--lam", type=float, default=0.3,
+                    help="PEIRA λ (the best of 0.03, 0.1, 0.3 on validation pairs)")
 parser.add_argument("--without", default="", help="ablation: PLDM terms to drop, comma-separated: var, cov, "
                     "var_t, sim_t, idm")
 parser.add_argument("--seed", type=int, default=0)
