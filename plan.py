@@ -55,8 +55,9 @@ parser.add_argument("--time-cost", type=float, default=0.003,
 parser.add_argument("--cost", default="latent", choices=("latent", "regressed"),
                     help="PEIRA's cost: ‖ẑ − z_goal‖ or ‖Pẑ − z_goal‖ with its regressor P")
 parser.add_argument("--summary", default="",
-                    help="plan nothing: the seed summary of the rows of these comma-separated plan.json "
-                         "files planned with the same settings (a later file's row replaces one of its name)")
+                    help="plan nothing: success over training seeds (mean ± std, paired differences) from "
+                         "the rows of these comma-separated plan.json files, planned with the same settings "
+                         "(a later file's row replaces one of its name)")
 
 
 def segment_sequences(episodes, samples, horizon, segments, gen):
@@ -177,6 +178,15 @@ class DistanceField:
         return self.D[e, ij[..., 0].clamp(0, 2 * LATTICE), ij[..., 1].clamp(0, 2 * LATTICE)]
 
 
+def steps_around(goal):
+    """Every position of the lattice goal + STEP·(i, j), |i|, |j| ≤ LATTICE (it covers the arena), as a
+    (2L+1, 2L+1, 2) grid in image order (row: y), and the true number of steps from each to the goal
+    (inf in a wall or out of the arena)."""
+    offsets = torch.arange(-LATTICE, LATTICE + 1) * tr.STEP
+    grid = goal + torch.stack(torch.meshgrid(offsets, offsets, indexing="xy"), -1)
+    return grid, DistanceField(goal[None], goal[None])(grid[None], torch.tensor([0]))[0]
+
+
 STEP_BANDS = (0, 8, 16, 24, 32, 48)  # bands of true steps to the goal: [0, 8), [8, 16), ..., [48, ∞)
 PROFILE_GOALS = 20  # goals (the first episodes') over which distance_profile averages
 
@@ -194,12 +204,10 @@ def distance_profile(embed, goals):
     collapsed or non-finite embeddings): beyond it the map is about flat, and a planner's rollouts that
     end there see no slope to follow."""
     from scipy.stats import spearmanr
-    offsets = torch.arange(-LATTICE, LATTICE + 1) * tr.STEP
     gen = torch.Generator().manual_seed(0)
     rho, null, profiles = [], [], []
     for goal in goals:
-        grid = (goal + torch.stack(torch.meshgrid(offsets, offsets, indexing="ij"), -1)).reshape(-1, 2)
-        steps = DistanceField(goal[None], goal[None])(grid[None], torch.tensor([0]))[0]
+        grid, steps = (t.transpose(0, 1).flatten(0, 1) for t in steps_around(goal))  # in (i, j) order
         grid, steps = grid[steps.isfinite()], steps[steps.isfinite()]  # free, reachable positions
         latent = (embed(grid) - embed(goal[None])).norm(dim=-1)
         rho.append(spearmanr(steps, latent).statistic)
@@ -319,11 +327,9 @@ def distance_maps(models, goal, out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    field = DistanceField(goal[None], goal[None])  # the lattice goal + STEP·(i, j) covers the arena
-    offsets = torch.arange(-LATTICE, LATTICE + 1) * tr.STEP
-    grid = goal + torch.stack(torch.meshgrid(offsets, offsets, indexing="xy"), -1)   # (2L+1, 2L+1, 2)
+    grid, steps = steps_around(goal)
     ok = tr.free(grid)
-    maps = {"true steps to the goal": field(grid[None], torch.tensor([0]))[0]}
+    maps = {"true steps to the goal": steps}
     for name, (model, _) in models.items():
         z = model.encode(tr.render(grid.reshape(-1, 2), model.res))
         z_goal = model.encode(tr.render(goal[None], model.res))
@@ -397,9 +403,10 @@ def print_seed_summary(groups):
 
 
 def summarise(paths):
-    """The seed summary of rows planned by separate runs of plan.py: rows are independent of each
-    other (each its own generator), so rows of runs with the same pairs and planner settings can be
-    put side by side; a row of a later file replaces an earlier one of the same name."""
+    """Success over training seeds (print_seed_summary) from the rows that separate runs of plan.py
+    wrote into their plan.json files: rows are independent of each other (each its own generator), so
+    rows of runs with the same pairs and planner settings can be put side by side; a row of a later
+    file replaces an earlier one of the same name."""
     rows, settings = {}, None
     for path in paths:
         try:
