@@ -9,7 +9,8 @@ Tables (the same on a GPU, timed with synchronisation; times are medians):
               (moment sums by three products, Q = (N + λI)⁻¹ by cholesky_inverse, P = S Q, aux_loss) and
               peira.PEIRALoss (one Cholesky factor and solves) side by side.
   augment     views per second of torchvision's per-image pipeline (train_cifar.ssl_augment, one view
-              at a time) and train_cifar.augment_batch on batches of --aug-batch, on one thread and on all.
+              at a time), train_cifar.augment_batch on batches of --aug-batch, and an epoch's pipeline
+              (train_cifar.batched_epoch: both views of AUG_STEPS steps a call), on one thread and on all.
   throughput  training images per second of a train_cifar.py --tiny run (width 16, projector 128-128-64,
               1024 images, batch 128), whole epochs fed by each pipeline: --augment per-image (DataLoader,
               2 workers started every epoch) and --augment batched.
@@ -132,6 +133,8 @@ def random_images(n, device, seed=0):
 def augment_table(args, device):
     """Views per second of each pipeline, on one thread and on all of them."""
     images = random_images(args.aug_batch, device)
+    pool = random_images(2 * tc.AUG_STEPS * args.aug_batch, device, seed=1)  # two chunks of an epoch
+    labels = torch.zeros(len(pool), dtype=torch.long, device=device)
     per_image = tc.ssl_augment()
     gen = torch.Generator(device=device).manual_seed(0)
     threads = torch.get_num_threads()
@@ -143,13 +146,18 @@ def augment_table(args, device):
         batched = lambda: tc.augment_batch(images, tc.sample_view_params(args.aug_batch, gen))  # noqa: E731
         batched()
         row["batched"] = args.aug_batch / timed(batched, args.steps, device)
+        # what an epoch runs: batched_epoch, both views of tc.AUG_STEPS steps per call, params drawn per step
+        epoch = lambda: list(tc.batched_epoch(pool, labels, 0, 0, args.aug_batch, 0, 1))  # noqa: E731
+        epoch()
+        row["epoch"] = 2 * len(pool) / timed(epoch, max(1, args.steps // 3), device)
         rows.append(row)
     torch.set_num_threads(threads)
-    print(f"\n| threads | per-image views/s | batched views/s (batch {args.aug_batch}) | ratio |")
-    print("|---|---|---|---|")
+    print(f"\n| threads | per-image views/s | batched views/s (batch {args.aug_batch}) | ratio | "
+          f"an epoch's views/s (batched_epoch, {tc.AUG_STEPS} steps a call) |")
+    print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['threads']} | {r['per_image']:.0f} | {r['batched']:.0f} | "
-              f"{r['batched'] / r['per_image']:.1f}× |")
+              f"{r['batched'] / r['per_image']:.1f}× | {r['epoch']:.0f} |")
     return rows
 
 
@@ -265,6 +273,7 @@ def main(argv=None):
     if any(t not in TABLES for t in tables):
         parser.error(f"--tables: choose from {', '.join(TABLES)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as train_cifar.py: fixed shapes
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"device {gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 {args.bf16}, "
           f"compile {args.compile}")

@@ -266,6 +266,8 @@ def load_model(path):
     other file (foreign, damaged, from an older two_rooms.py) a one-line error naming it."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict):  # e.g. a tensor saved alone: ckpt["config"] would index it
+            raise TypeError(f"holds a {type(ckpt).__name__}, not a checkpoint's dictionary")
         config = ckpt["config"]
         model = tr.WorldModel(config["res"], config["latent"], config["predictor"])
         model.load_state_dict(ckpt["model"])

@@ -927,6 +927,43 @@ def test_lars_conventions(lr):
         tc.LARS([w], lr=0.1, convention="lightly")
 
 
+@pytest.mark.parametrize("convention", ["vicreg", "solo-learn"])
+def test_lars_steps_with_momentum_and_zero_norms(convention):
+    """Three LARS steps on a group of weights, a zero weight, a zero gradient and a bias, against the
+    update written parameter by parameter in float64 (the momentum buffer holds the scaled steps; a
+    zero norm gives the plain step, g + wd·p for vicreg, g for solo-learn)."""
+    g = torch.Generator().manual_seed(1)
+    shapes = [(4, 3, 3, 3), (6, 5), (6, 5), (6, 5), (6,)]
+    params = [nn.Parameter(torch.randn(s, generator=g, dtype=F64)) for s in shapes]
+    with torch.no_grad():
+        params[1].zero_()  # ‖p‖ = 0
+    reference = [p.detach().clone() for p in params]
+    buffers = [torch.zeros_like(p) for p in reference]
+    lr, wd, momentum = 0.5, 1e-2, 0.9
+    opt = tc.LARS(params, lr=lr, weight_decay=wd, momentum=momentum, convention=convention)
+    for _ in range(3):
+        grads = [0.1 * torch.randn(s, generator=g, dtype=F64) for s in shapes]
+        grads[2].zero_()  # ‖g‖ = 0
+        for p, grad in zip(params, grads):
+            p.grad = grad.clone()
+        opt.step()
+        for i, (w, grad) in enumerate(zip(reference, grads)):
+            d = grad
+            if w.ndim > 1:
+                decayed = grad + wd * w
+                if convention == "vicreg":
+                    ok = w.norm() > 0 and decayed.norm() > 0
+                    d = 0.001 * w.norm() / decayed.norm() * decayed if ok else decayed
+                else:
+                    ok = w.norm() > 0 and grad.norm() > 0
+                    q = min(0.02 * w.norm() / (grad.norm() + wd * w.norm() + 1e-8) / lr, 1.0)
+                    d = q * decayed if ok else grad
+            buffers[i] = momentum * buffers[i] + d
+            reference[i] = w - lr * buffers[i]
+        for p, w in zip(params, reference):
+            torch.testing.assert_close(p.detach(), w, rtol=1e-12, atol=1e-12)
+
+
 def test_checkpoint_save_refuses_non_finite_weights_and_load_falls_back(tmp_path, capsys):
     path = str(tmp_path / "ckpt.pt")
     state = {"model": {"w": torch.ones(3)}, "probe": {}, "peira": {}, "opt": {}, "probe_opt": {}, "epoch": 1,
@@ -1362,6 +1399,19 @@ def test_batched_views_do_not_depend_on_the_number_of_ranks():
         for part, whole in enumerate(batch):
             torch.testing.assert_close(torch.cat([halves[0][step][part], halves[1][step][part]]), whole)
     assert torch.equal(epoch(1)[0][0], one[0][0]) and not torch.equal(epoch(2)[0][0], one[0][0])
+
+
+def test_batched_views_do_not_depend_on_how_many_steps_are_augmented_at_once():
+    """batched_epoch makes the views of several steps in one call: step by step (chunk 1), in chunks
+    of 2 and 8 steps, the batches of an epoch are the same, each step's views its own draw."""
+    images, _ = smooth_images(80, seed=7)
+    labels = torch.arange(80) % 10
+    by_chunk = {c: list(tc.batched_epoch(images, labels, 3, 1, 16, 0, 1, chunk=c)) for c in (1, 2, 8)}
+    assert len(by_chunk[1]) == 5 and not torch.equal(by_chunk[1][0][0], by_chunk[1][1][0])
+    for c in (2, 8):
+        for mine, ref in zip(by_chunk[c], by_chunk[1], strict=True):
+            for part, whole in zip(mine, ref):
+                torch.testing.assert_close(part, whole, rtol=0, atol=1e-6)
 
 
 def write_image_folder(root, images, labels, ext):
