@@ -1007,6 +1007,10 @@ def test_resume_rules():
         tc.check_resume(saved, {**saved, "loss": "vicreg", "world_size": 1}, [])
     changes = tc.check_resume(saved, {**saved, "epochs": 20}, ["epochs"])
     assert changes == ["epochs changed from 10 to 20 (--allow-change)"]
+    # a setting added since the checkpoint was written reads as its value then (ADDED_SETTINGS)
+    assert tc.check_resume(saved, {**saved, "fix_pred_lr": False}, []) == []
+    with pytest.raises(SystemExit, match="fix_pred_lr: checkpoint False, now True"):
+        tc.check_resume(saved, {**saved, "fix_pred_lr": True}, [])
 
 
 # -----------------------------------------------------------------------------
@@ -1068,6 +1072,25 @@ def test_train_cifar_two_steps_of_each_loss(fake_cifar, tmp_path, loss):
         assert (tmp_path / name).exists(), name
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["config"]["loss"] == loss and ckpt["config"]["world_size"] == 1
+
+
+def test_fix_pred_lr_keeps_the_predictor_at_the_peak_learning_rate(fake_cifar, tmp_path):
+    """SimSiam with --fix-pred-lr: after a cosine-decayed epoch the predictor's groups hold the peak
+    learning rate, the others the schedule's last value; refused for a loss without a predictor."""
+    tc.main(cifar_args(fake_cifar, tmp_path, "--loss", "simsiam", "--fix-pred-lr", "--epochs", "1",
+                       "--warmup-epochs", "0"))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    groups, peak = ckpt["opt"]["param_groups"], ckpt["config"]["lr"]
+    model = tc.SSLModel("simsiam", 4, [8, 8])
+    args = tc.parse_args(["--loss", "simsiam", "--fix-pred-lr"])
+    tc.check_args(args)
+    fixed = [p for g in tc.make_optimizer(model, args).param_groups if g["fixed_lr"] for p in g["params"]]
+    assert sorted(map(id, fixed)) == sorted(map(id, model.predictor.parameters()))
+    assert sum(len(g["params"]) for g in groups if g["fixed_lr"]) == len(fixed)
+    assert all(g["lr"] == peak for g in groups if g["fixed_lr"])
+    assert all(0 < g["lr"] < 0.9 * peak for g in groups if not g["fixed_lr"])
+    with pytest.raises(SystemExit):
+        tc.main(cifar_args(fake_cifar, tmp_path / "peira", "--fix-pred-lr", "--epochs", "1"))
 
 
 def test_train_cifar_warns_when_lam_switches_directions_off(fake_cifar, tmp_path, capsys):

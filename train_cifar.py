@@ -60,6 +60,9 @@ parser.add_argument("--lars", default="vicreg", choices=["vicreg", "solo-learn"]
                     help="LARS's trust-ratio convention, named after the code it comes from (see LARS)")
 parser.add_argument("--wd", type=float, help="weight decay (not on biases and norms); " + RECIPE)
 parser.add_argument("--warmup-epochs", type=float, help=RECIPE)
+parser.add_argument("--fix-pred-lr", action=argparse.BooleanOptionalAction,
+                    help="SimSiam: the predictor's learning rate stays at its peak, neither warmed up nor "
+                         "decayed (SimSiam's --fix-pred-lr, solo-learn's static_lr); " + RECIPE)
 parser.add_argument("--clip", type=float, help="gradient-norm clipping (0: off); " + RECIPE)
 parser.add_argument("--clip-from", type=int, help="first epoch with clipping; " + RECIPE)
 parser.add_argument("--lam", type=float, default=0.7, help="PEIRA λ (also used by the monitor)")
@@ -91,14 +94,15 @@ parser.add_argument("--probe-epochs", type=int, default=100, help="offline linea
 parser.add_argument("--seed", type=int, default=0)
 
 PEIRA_RECIPE = dict(batch_size=256, optimizer="lars", lr=0.04, wd=1e-4, warmup_epochs=10, clip=1.0,
-                    clip_from=4, proj="2048-2048-1024")  # the preprint's CIFAR-10 recipe
+                    clip_from=4, proj="2048-2048-1024", fix_pred_lr=False)  # the preprint's CIFAR-10 recipe
 RECIPES = {
     "peira": PEIRA_RECIPE, "peira_direct": PEIRA_RECIPE, "vicreg": PEIRA_RECIPE,
     # SimSiam's CIFAR recipe (Chen & He, CVPR 2021, appendix D): SGD momentum 0.9,
     # lr 0.03 · batch / 256, wd 5e-4, batch 512, cosine decay (no warmup, no clipping), a 2-layer
-    # 2048-d projector with BN on its output; the predictor is 2048-512-2048 (k-k/4-k)
+    # 2048-d projector with BN on its output; the predictor is 2048-512-2048 (k-k/4-k), its learning
+    # rate decayed as the rest's (its CIFAR appendix names no --fix-pred-lr; its ImageNet runs use it)
     "simsiam": dict(batch_size=512, optimizer="sgd", lr_per_256=0.03, wd=5e-4, warmup_epochs=0,
-                    clip=0.0, clip_from=0, proj="2048-2048"),
+                    clip=0.0, clip_from=0, proj="2048-2048", fix_pred_lr=False),
 }
 TINY = dict(width=16, proj="128-128-64", subset=1024, epochs=3, batch_size=128, warmup_epochs=1,
             workers=2, clip_from=0, lam=0.1)  # λ 0.1, not the preprint's 0.7: README, Choosing λ
@@ -111,6 +115,9 @@ AUG_STEPS = 8                    # --augment batched: steps whose views are made
 KEPT_WARN = 0.5                  # warn when PEIRA keeps (s > λ²) under this share of the directions seen
 VICREG_COEFFS = (25.0, 25.0, 1.0)  # invariance, variance, covariance (official VICReg)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+# settings added after checkpoints were written (--resume, bench_images.py's reuse), with the value every run before them had: a
+# configuration without one is compared as if it held that value
+ADDED_SETTINGS = {"fix_pred_lr": False}
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -359,6 +366,7 @@ def check_resume(saved, now, allowed):
     """Compare the checkpoint's configuration with this run's. A key that changes the run (loss,
     epochs, batch size, projector, world size, ...) must match unless named in --allow-change;
     returns the allowed changes as lines for the log."""
+    saved = {**{k: v for k, v in ADDED_SETTINGS.items() if k in now}, **saved}
     keys = sorted((set(saved) | set(now)) - NOT_RUN_KEYS)
     diff = {k: (saved.get(k, "absent"), now.get(k, "absent")) for k in keys if saved.get(k) != now.get(k)}
     refused = [k for k in diff if k not in allowed]
@@ -879,12 +887,16 @@ class SSLModel(nn.Module):
 
 
 def make_optimizer(model, args):
+    """LARS, or SGD with momentum 0.9 and no weight decay on biases and norms. With --fix-pred-lr the
+    predictor's parameters form groups marked fixed_lr, which the schedule leaves at the peak."""
+    fixed = {id(p) for p in model.predictor.parameters()} if args.fix_pred_lr else set()
+    parts = [([p for p in model.parameters() if (id(p) in fixed) == f], f) for f in (False, True)]
     if args.optimizer == "lars":
-        return LARS(model.parameters(), lr=args.lr, weight_decay=args.wd, convention=args.lars)
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    rest = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": args.wd}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
+        groups = [{"params": ps, "fixed_lr": f} for ps, f in parts if ps]
+        return LARS(groups, lr=args.lr, weight_decay=args.wd, convention=args.lars)
+    groups = [{"params": [p for p in ps if (p.ndim > 1) == decay], "fixed_lr": f,
+               "weight_decay": args.wd if decay else 0.0} for ps, f in parts for decay in (True, False)]
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=args.lr, momentum=0.9)
 
 
 # -----------------------------------------------------------------------------
@@ -1114,7 +1126,7 @@ def parse_args(argv=None):
 def check_args(args):
     """The --loss recipe fills the flags not given (nor set by --tiny); then sanity checks."""
     recipe = RECIPES[args.loss]
-    for key in ("batch_size", "optimizer", "wd", "warmup_epochs", "clip", "clip_from", "proj"):
+    for key in ("batch_size", "optimizer", "wd", "warmup_epochs", "clip", "clip_from", "proj", "fix_pred_lr"):
         if getattr(args, key) is None:
             setattr(args, key, recipe[key])
     if args.lr is None and args.tiny and args.optimizer == "lars":
@@ -1124,6 +1136,8 @@ def check_args(args):
     problems, proj = setting_problems(args)
     if args.epochs < 1 or args.batch_size < 2 or args.lr <= 0:
         problems.append("--epochs ≥ 1, --batch-size ≥ 2 and --lr > 0 are required")
+    if args.fix_pred_lr and args.loss != "simsiam":
+        problems.append(f"--fix-pred-lr: --loss {args.loss} has no predictor")
     if problems:
         parser.error("; ".join(problems))
     return proj
@@ -1202,7 +1216,7 @@ def main(argv=None):
                 step = epoch * steps_per_epoch + i
                 lr = learning_rate(step, total_steps, int(args.warmup_epochs * steps_per_epoch), args.lr)
                 for g in opt.param_groups:
-                    g["lr"] = lr
+                    g["lr"] = args.lr if g.get("fixed_lr") else lr  # absent from older checkpoints
                 eta = args.eta_start + (args.eta_end - args.eta_start) * step / max(total_steps - 1, 1)
                 clip = args.clip if epoch >= args.clip_from else 0.0
                 # forward, loss, PEIRA monitor, backward, step (train_step; the probe is fit per epoch)

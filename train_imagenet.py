@@ -92,6 +92,7 @@ RECIPES = {
     "vicreg": dict(lr_per_256=0.2, min_lr_ratio=1e-3, wd=1e-6, warmup_epochs=10, clip=0.0,
                    proj="8192-8192-8192"),
 }
+ADDED_SETTINGS = {}  # settings added after checkpoints were written, with their earlier value (check_resume)
 VICREG_COEFFS = (25.0, 25.0, 1.0)  # invariance, variance, covariance (official VICReg)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -341,6 +342,7 @@ def check_resume(saved, now, allowed):
     """Compare the checkpoint's configuration with this run's. A key that changes the run (loss,
     epochs, batch size, projector, world size, ...) must match unless named in --allow-change;
     returns the allowed changes as lines for the log."""
+    saved = {**{k: v for k, v in ADDED_SETTINGS.items() if k in now}, **saved}
     keys = sorted((set(saved) | set(now)) - NOT_RUN_KEYS)
     diff = {k: (saved.get(k, "absent"), now.get(k, "absent")) for k in keys if saved.get(k) != now.get(k)}
     refused = [k for k in diff if k not in allowed]
