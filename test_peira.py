@@ -929,7 +929,7 @@ def test_lars_conventions(lr):
 
 @pytest.mark.parametrize("convention", ["vicreg", "solo-learn"])
 def test_lars_steps_with_momentum_and_zero_norms(convention):
-    """Three LARS steps on a group of weights, a zero weight, a zero gradient and a bias, against the
+    """Three LARS steps on two groups of weights, a zero weight, a zero gradient and a bias, against the
     update written parameter by parameter in float64 (the momentum buffer holds the scaled steps; a
     zero norm gives the plain step, g + wd·p for vicreg, g for solo-learn)."""
     g = torch.Generator().manual_seed(1)
@@ -940,7 +940,8 @@ def test_lars_steps_with_momentum_and_zero_norms(convention):
     reference = [p.detach().clone() for p in params]
     buffers = [torch.zeros_like(p) for p in reference]
     lr, wd, momentum = 0.5, 1e-2, 0.9
-    opt = tc.LARS(params, lr=lr, weight_decay=wd, momentum=momentum, convention=convention)
+    groups = [{"params": params[:3]}, {"params": params[3:], "fixed_lr": True}]  # two groups, one key more
+    opt = tc.LARS(groups, lr=lr, weight_decay=wd, momentum=momentum, convention=convention)
     for _ in range(3):
         grads = [0.1 * torch.randn(s, generator=g, dtype=F64) for s in shapes]
         grads[2].zero_()  # ‖g‖ = 0
@@ -1089,8 +1090,11 @@ def test_fix_pred_lr_keeps_the_predictor_at_the_peak_learning_rate(fake_cifar, t
     assert sum(len(g["params"]) for g in groups if g["fixed_lr"]) == len(fixed)
     assert all(g["lr"] == peak for g in groups if g["fixed_lr"])
     assert all(0 < g["lr"] < 0.9 * peak for g in groups if not g["fixed_lr"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit):  # argparse's error: "--fix-pred-lr: --loss peira has no predictor"
         tc.main(cifar_args(fake_cifar, tmp_path / "peira", "--fix-pred-lr", "--epochs", "1"))
+    with pytest.raises(SystemExit, match="another --fix-pred-lr"):  # its optimiser groups differ
+        tc.main(cifar_args(fake_cifar, tmp_path, "--loss", "simsiam", "--no-fix-pred-lr", "--epochs", "2",
+                           "--warmup-epochs", "0", "--resume", "--allow-change", "fix_pred_lr,epochs"))
 
 
 def test_train_cifar_warns_when_lam_switches_directions_off(fake_cifar, tmp_path, capsys):

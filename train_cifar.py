@@ -115,8 +115,8 @@ AUG_STEPS = 8                    # --augment batched: steps whose views are made
 KEPT_WARN = 0.5                  # warn when PEIRA keeps (s > λ²) under this share of the directions seen
 VICREG_COEFFS = (25.0, 25.0, 1.0)  # invariance, variance, covariance (official VICReg)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-# settings added after checkpoints were written (--resume, bench_images.py's reuse), with the value every run before them had: a
-# configuration without one is compared as if it held that value
+# settings added after checkpoints were written, with the value every run before them had: a
+# configuration without one is compared as if it held that value (--resume, bench_images.py's reuse)
 ADDED_SETTINGS = {"fix_pred_lr": False}
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -216,19 +216,24 @@ class LARS(torch.optim.Optimizer):
                 weights, grads = [params[i] for i in layers], [steps[i] for i in layers]
                 wd = g["weight_decay"]
                 p_norm, g_norm = (torch.stack(torch._foreach_norm(t)) for t in (weights, grads))
-                decayed = torch._foreach_add(grads, weights, alpha=wd)
                 if g["convention"] == "vicreg":
+                    decayed = torch._foreach_add(grads, weights, alpha=wd)
                     d_norm = torch.stack(torch._foreach_norm(decayed))
                     q = torch.where((p_norm > 0) & (d_norm > 0), 0.001 * p_norm / d_norm, 1.0)
                     torch._foreach_mul_(decayed, q.unbind())
                 else:  # solo-learn: a zero norm gives the gradient alone
                     ok = (p_norm > 0) & (g_norm > 0)
                     q = (0.02 * p_norm / (g_norm + wd * p_norm + 1e-8) / g["lr"]).clamp(max=1.0)
-                    torch._foreach_mul_(decayed, torch.where(ok, q, 0.0).unbind())
-                    torch._foreach_add_(decayed, torch._foreach_mul(grads, (~ok).to(q.dtype).unbind()))
+                    # g + wd·p where both norms are nonzero, else g alone; then the trust ratio
+                    decayed = torch._foreach_mul(weights, (wd * ok.to(q.dtype)).unbind())
+                    torch._foreach_add_(decayed, grads)
+                    torch._foreach_mul_(decayed, torch.where(ok, q, 1.0).unbind())
                 for i, d in zip(layers, decayed):
                     steps[i] = d
-            bufs = [self.state[p].setdefault("mu", torch.zeros_like(p)) for p in params]
+            for p in params:
+                if "mu" not in self.state[p]:
+                    self.state[p]["mu"] = torch.zeros_like(p)
+            bufs = [self.state[p]["mu"] for p in params]
             torch._foreach_mul_(bufs, g["momentum"])
             torch._foreach_add_(bufs, steps)
             torch._foreach_add_(params, bufs, alpha=-g["lr"])
@@ -1164,6 +1169,8 @@ def main(argv=None):
         if ckpt is None:
             sys.exit(f"--resume: no checkpoint at {ckpt_path}")
         changes = check_resume(ckpt["config"], config, args.allow_change.split(","))
+        if ckpt["config"].get("fix_pred_lr", False) != args.fix_pred_lr:  # even with --allow-change
+            sys.exit("cannot resume with another --fix-pred-lr: it regroups the optimiser's saved state")
     if master:
         prepare_out(args, config, ckpt, metrics_path)
 

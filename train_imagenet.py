@@ -192,19 +192,24 @@ class LARS(torch.optim.Optimizer):
                 weights, grads = [params[i] for i in layers], [steps[i] for i in layers]
                 wd = g["weight_decay"]
                 p_norm, g_norm = (torch.stack(torch._foreach_norm(t)) for t in (weights, grads))
-                decayed = torch._foreach_add(grads, weights, alpha=wd)
                 if g["convention"] == "vicreg":
+                    decayed = torch._foreach_add(grads, weights, alpha=wd)
                     d_norm = torch.stack(torch._foreach_norm(decayed))
                     q = torch.where((p_norm > 0) & (d_norm > 0), 0.001 * p_norm / d_norm, 1.0)
                     torch._foreach_mul_(decayed, q.unbind())
                 else:  # solo-learn: a zero norm gives the gradient alone
                     ok = (p_norm > 0) & (g_norm > 0)
                     q = (0.02 * p_norm / (g_norm + wd * p_norm + 1e-8) / g["lr"]).clamp(max=1.0)
-                    torch._foreach_mul_(decayed, torch.where(ok, q, 0.0).unbind())
-                    torch._foreach_add_(decayed, torch._foreach_mul(grads, (~ok).to(q.dtype).unbind()))
+                    # g + wd·p where both norms are nonzero, else g alone; then the trust ratio
+                    decayed = torch._foreach_mul(weights, (wd * ok.to(q.dtype)).unbind())
+                    torch._foreach_add_(decayed, grads)
+                    torch._foreach_mul_(decayed, torch.where(ok, q, 1.0).unbind())
                 for i, d in zip(layers, decayed):
                     steps[i] = d
-            bufs = [self.state[p].setdefault("mu", torch.zeros_like(p)) for p in params]
+            for p in params:
+                if "mu" not in self.state[p]:
+                    self.state[p]["mu"] = torch.zeros_like(p)
+            bufs = [self.state[p]["mu"] for p in params]
             torch._foreach_mul_(bufs, g["momentum"])
             torch._foreach_add_(bufs, steps)
             torch._foreach_add_(params, bufs, alpha=-g["lr"])
