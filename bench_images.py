@@ -186,7 +186,8 @@ def run_argv(data, out, loss, trial, seed, setting):
     for key, value in trial.items():
         if key == "lr_per_256":  # SimSiam's SGD learning rate scales with the batch
             key, value = "lr", value * setting["batch"] / 256
-        argv += [f"--{key}", str(value)]
+        flag = "--" + key.replace("_", "-")
+        argv += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
     return argv
 
 

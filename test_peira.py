@@ -1208,6 +1208,9 @@ def test_image_benchmark_statistics_and_trials(capsys):
     assert (args.lam, args.lars, args.seed, args.width, args.proj) == (0.3, "solo-learn", 2, setting["width"],
                                                                        setting["proj"])
     assert args.bf16 == setting["bf16"]
+    for flag in (True, False):  # a boolean setting becomes --flag or --no-flag
+        argv = bench_images.run_argv("d", "o", "simsiam", {"lr_per_256": 0.24, "fix_pred_lr": flag}, 0, setting)
+        assert tc.parse_args(argv).fix_pred_lr is flag
     # the λ sweep's extra runs are drawn, never chosen: PEIRA's choice has as many candidates as the others'
     sweep = bench_images.lam_sweep_runs()
     assert [t["lam"] for t in sweep] == list(bench_images.LAM_SWEEP)
