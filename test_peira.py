@@ -1732,6 +1732,30 @@ def test_world_model_predictions_reach_beyond_the_unit_range(predictor):
         assert (variance > 0.95).all() and (variance < 1 + 1e-5).all()
 
 
+@pytest.mark.parametrize("center", [False, True])
+def test_peira_world_model_loss_with_per_horizon_moments(center):
+    """--moments per-horizon: one PEIRALoss per horizon h on the pairs (prediction h, embedding h);
+    with η 1 each holds its batch's moments, so its objective is peira_objective of those pairs
+    (computed directly, centred or not); pooled moments read all horizons' pairs at once."""
+    torch.manual_seed(0)
+    model = tr.WorldModel(16, 6)
+    obs = tr.render(tr.sample_free(40 * 4, torch.Generator().manual_seed(1)).view(40, 4, 2), 16)
+    actions = torch.randint(0, 4, (40, 3))
+    per_horizon = nn.ModuleList(peira.PEIRALoss(6, lam=0.3, eta=1.0, center=center) for _ in range(3))
+    pooled = peira.PEIRALoss(6, lam=0.3, eta=1.0, center=center)
+    loss, _ = tr.world_model_loss("peira", model, obs, actions, per_horizon, None, None)
+    assert loss.requires_grad and torch.isfinite(loss)
+    tr.world_model_loss("peira", model, obs, actions, pooled, None, None)
+    with torch.no_grad():
+        z = model.encode(obs).double()
+        pred = model.rollout(z[:, 0].float(), actions).double()
+    for h, loss_h in enumerate(per_horizon):
+        expected = peira.peira_objective(pred[:, h], z[:, h + 1], 0.3, center=center)
+        assert abs(loss_h.objective() - expected.item()) < 1e-4
+    expected = peira.peira_objective(pred.reshape(-1, 6), z[:, 1:].reshape(-1, 6), 0.3, center=center)
+    assert abs(pooled.objective() - expected.item()) < 1e-4
+
+
 def test_pldm_loss_terms_match_a_direct_computation():
     torch.manual_seed(0)
     B, T, D = 12, 5, 6

@@ -78,6 +78,13 @@ parser.add_argument("--batch-size", type=int, default=64, help="windows per step
 parser.add_argument("--lr", type=float, default=1e-3)
 parser.add_argument("--lam", type=float, default=0.3,
                     help="PEIRA λ (the best of 0.03, 0.1, 0.3 on validation pairs)")
+parser.add_argument("--eta-start", type=float, default=0.9, help="PEIRA: running-moment weight η at step 0")
+parser.add_argument("--eta-end", type=float, default=0.5, help="PEIRA: η at the last step (linear anneal)")
+parser.add_argument("--center", action=argparse.BooleanOptionalAction, default=False,
+                    help="PEIRA: centred moments (the batch means subtracted)")
+parser.add_argument("--moments", default="pooled", choices=("pooled", "per-horizon"),
+                    help="PEIRA: one set of moments over the pairs of every horizon, or one per horizon "
+                         "(their losses summed)")
 parser.add_argument("--without", default="", help="ablation: PLDM terms to drop, comma-separated: var, cov, "
                     "var_t, sim_t, idm")
 parser.add_argument("--seed", type=int, default=0)
@@ -103,7 +110,6 @@ PLDM_COEFFS = {"pred": 1.0, "var": 3.9843, "cov": 6.9238, "var_t": 0.24535, "sim
 LEWM_SIGREG = 0.09              # LeWM: prediction + 0.09 · SIGReg
 SIGREG_DIRECTIONS, SIGREG_KNOTS, SIGREG_T = 1024, 17, 3.0  # LeWM's: 1024 projections, 17 knots on [0, 3]
 SIGREG_DT = SIGREG_T / (SIGREG_KNOTS - 1)  # the knots' spacing
-PEIRA_ETA = (0.9, 0.5)          # running-moment weight, annealed linearly
 
 
 # -----------------------------------------------------------------------------
@@ -450,6 +456,8 @@ def world_model_loss(name, model, obs, actions, peira_loss, idm, gen, without=()
     z = model.encode(obs)                                               # (B, H+1, D)
     pred = model.rollout(z[:, 0], actions)                              # (B, H, D)
     target = z[:, 1:]
+    if name == "peira" and isinstance(peira_loss, nn.ModuleList):  # --moments per-horizon
+        return sum(loss_h(pred[:, h], target[:, h]) for h, loss_h in enumerate(peira_loss)), {}
     if name == "peira":
         loss = peira_loss(pred.reshape(-1, model.latent), target.reshape(-1, model.latent))
         return loss, {}
@@ -535,7 +543,10 @@ def train(name, args, pos, actions, held_out, device):
     # a 64-unit hidden layer, where PLDM regresses its 2-D continuous action with an MSE from a
     # 512-unit layer. Its weight stays PLDM's 1.072, tuned for that MSE and not re-tuned here
     idm = nn.Sequential(nn.Linear(2 * args.latent, 64), nn.ReLU(), nn.Linear(64, 4)).to(device)
-    peira_loss = peira.PEIRALoss(args.latent, lam=args.lam, eta=PEIRA_ETA[0]).to(device)
+    copies = args.horizon if args.moments == "per-horizon" else 1
+    peira_losses = nn.ModuleList(peira.PEIRALoss(args.latent, lam=args.lam, eta=args.eta_start,
+                                                 center=args.center) for _ in range(copies)).to(device)
+    peira_loss = peira_losses if args.moments == "per-horizon" else peira_losses[0]
     params = list(model.parameters()) + (list(idm.parameters()) if name == "pldm" else [])
     opt = torch.optim.Adam(params, lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -545,7 +556,8 @@ def train(name, args, pos, actions, held_out, device):
         progress = step / args.steps
         for group in opt.param_groups:
             group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * progress))
-        peira_loss.eta = PEIRA_ETA[0] + (PEIRA_ETA[1] - PEIRA_ETA[0]) * progress
+        for loss_h in peira_losses:
+            loss_h.eta = args.eta_start + (args.eta_end - args.eta_start) * progress
         # data: random windows of the offline trajectories, rendered
         window_pos, window_actions = sample_windows(pos, actions, args.batch_size, args.horizon, gen)
         obs = render(window_pos.to(device), args.res)
@@ -561,12 +573,13 @@ def train(name, args, pos, actions, held_out, device):
         # log: every 20 steps and the last one
         if step % 20 == 0 or step == args.steps - 1:
             if name == "peira":  # the aux loss's value means little: log the objective itself
-                parts = {"objective": peira_loss.objective()}
+                parts = {"objective": sum(loss_h.objective() for loss_h in peira_losses)}
             history.append({"model": label, "step": step, "loss": loss.item(), **parts})
     seconds = time.time() - t0
 
     # open-loop prediction error on the held-out trajectories; PEIRA's regressor's spectrum
-    regressor = peira_loss.P.float() if name == "peira" else None
+    # (with per-horizon moments there is a regressor per horizon: none is saved)
+    regressor = peira_loss.P.float() if name == "peira" and args.moments == "pooled" else None
     model.eval()
     error = prediction_error(model, *held_out, args.res, regressor)
     print(f"{label}: open-loop prediction error / embedding variance, by horizon: "
@@ -597,6 +610,8 @@ def main(argv=None):
         parser.error(f"--losses takes peira, pldm, lewm; got {args.losses}")
     if not 1 <= args.horizon < args.length or args.res < 8 or args.steps < 1 or not args.lam > 0:
         parser.error("need 1 ≤ --horizon < --length, --res ≥ 8, --steps ≥ 1, --lam > 0")
+    if not (0 < args.eta_start <= 1 and 0 < args.eta_end <= 1):
+        parser.error(f"--eta-start and --eta-end must be in (0, 1] (got {args.eta_start}, {args.eta_end})")
     if not 0 <= args.door_fraction <= 1:
         parser.error(f"--door-fraction is a fraction in [0, 1], got {args.door_fraction}")
     unknown = {term for term in args.without.split(",") if term} - (set(PLDM_COEFFS) - {"pred"})
