@@ -1220,8 +1220,8 @@ def test_image_benchmark_statistics_and_trials(capsys):
 def test_simsiam_runs_its_own_cifar_recipe():
     args = tc.parser.parse_args(["--loss", "simsiam"])
     tc.check_args(args)
-    assert (args.optimizer, args.batch_size, args.lr, args.wd, args.warmup_epochs, args.clip, args.proj) == \
-        ("sgd", 512, 0.03 * 512 / 256, 5e-4, 0, 0.0, "2048-2048")
+    assert (args.optimizer, args.batch_size, args.lr, args.wd, args.warmup_epochs, args.clip, args.proj,
+            args.fix_pred_lr) == ("sgd", 512, 0.03 * 512 / 256, 5e-4, 0, 0.0, "2048-2048", True)
     model = tc.SSLModel("simsiam", 8, [2048, 2048])
     shapes = [tuple(m.weight.shape) for m in model.predictor if isinstance(m, nn.Linear)]
     assert shapes == [(512, 2048), (2048, 512)]  # predictor 2048-512-2048
