@@ -5,6 +5,7 @@
     python two_rooms.py --seeds 0,1,2,3,4 && python plan.py --episodes 200  # five seeds, summarised
     python two_rooms.py --losses pldm --without var --out out/ablations  # PLDM without a term
     python two_rooms.py --no-door-data --out out/no_door   # data that never cross the door
+    python two_rooms.py --losses peira --moments per-horizon --out out/per_horizon  # a PEIRA lever (README)
     python two_rooms.py --res 64 --steps 8000    # PLDM's 64-px rendering (GPU)
     python plan.py                               # then plan with every model in --out
 
@@ -18,15 +19,16 @@ fraction --door-fraction of them is guided through the door first, as PLDM's dat
 crossings (PLDM's paper: trained without crossings, its planning success falls from 97.8% to
 34.4%). The data are cached in --out under a hash of every parameter they depend on.
 
-World model: a state encoder V(s) = LayerNorm(Impala CNN(s)) and a state-action encoder
-U(s, a_1..a_h) = the h-step open-loop rollout of a recurrent cell from V(s): z ← LayerNorm(z +
-MLP(z, a)) (or PLDM's GRU cell, --predictor gru), the encoder's LayerNorm applied to every output
-as PLDM does. --loss peira applies peira.PEIRALoss between U's predictions over --horizon steps
-and V of the observed states; pldm and lewm add their regularisers to a prediction loss, with the
-same model, data and budget. Writes into --out: the cached data, <model>.pt (weights, config,
-PEIRA's regressor), metrics.jsonl (training curves, open-loop prediction error by horizon on
-held-out trajectories), and <model>.png (training curve, latents of a grid of positions); <model>
-is the objective's name, with -seed<s> for --seed s ≠ 0 (peira-seed1.pt), so that seeds share --out.
+World model: a state encoder V(s) = LayerNorm(Impala CNN(s)) and a state-action encoder U(s, a_1..a_h) =
+the h-step open-loop rollout of a recurrent cell from V(s): z ← LayerNorm(z + MLP(z, a)) (or PLDM's GRU
+cell, --predictor gru), the encoder's LayerNorm applied to every output as PLDM does. --loss peira
+applies peira.PEIRALoss between U's predictions over --horizon steps and V of the observed states (one
+set of moments over all horizons, or one per horizon); pldm and lewm add their regularisers to a
+prediction loss, with the same model, data and budget. Writes into --out: the cached data, <model>.pt
+(weights, config, PEIRA's regressor), metrics.jsonl (training curves, open-loop prediction error by
+horizon on held-out trajectories), and <model>.png (training curve, latents of a grid of positions);
+<model> is the objective's name, with -seed<s> for --seed s ≠ 0 (peira-seed1.pt), so that seeds share
+--out.
 
 References:
   PLDM: V. Sobal, W. Zhang, K. Cho, R. Balestriero, T. G. J. Rudner and Y. LeCun, "Learning from
