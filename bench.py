@@ -10,7 +10,8 @@ Tables (the same on a GPU, timed with synchronisation; times are medians):
               peira.PEIRALoss (one Cholesky factor and solves) side by side.
   augment     views per second of torchvision's per-image pipeline (train_cifar.ssl_augment, one view
               at a time), train_cifar.augment_batch on batches of --aug-batch, and an epoch's pipeline
-              (train_cifar.batched_epoch: both views of AUG_STEPS steps a call), on one thread and on all.
+              (train_cifar.batched_epoch: both views of AUG_STEPS steps a call on a GPU, of one on a CPU),
+              on one thread and on all.
   throughput  training images per second of a train_cifar.py --tiny run (width 16, projector 128-128-64,
               1024 images, batch 128), whole epochs fed by each pipeline: --augment per-image (DataLoader,
               2 workers started every epoch) and --augment batched.
@@ -146,14 +147,15 @@ def augment_table(args, device):
         batched = lambda: tc.augment_batch(images, tc.sample_view_params(args.aug_batch, gen))  # noqa: E731
         batched()
         row["batched"] = args.aug_batch / timed(batched, args.steps, device)
-        # what an epoch runs: batched_epoch, both views of tc.AUG_STEPS steps per call, params drawn per step
+        # what an epoch runs: batched_epoch, both views of AUG_STEPS steps per call on a GPU, 1 on a CPU
         epoch = lambda: list(tc.batched_epoch(pool, labels, 0, 0, args.aug_batch, 0, 1))  # noqa: E731
         epoch()
         row["epoch"] = 2 * len(pool) / timed(epoch, max(1, args.steps // 3), device)
         rows.append(row)
     torch.set_num_threads(threads)
+    chunk = tc.AUG_STEPS if device.type == "cuda" else 1
     print(f"\n| threads | per-image views/s | batched views/s (batch {args.aug_batch}) | ratio | "
-          f"an epoch's views/s (batched_epoch, {tc.AUG_STEPS} steps a call) |")
+          f"an epoch's views/s (batched_epoch, {chunk} steps a call) |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['threads']} | {r['per_image']:.0f} | {r['batched']:.0f} | "

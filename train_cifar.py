@@ -112,7 +112,7 @@ KNN_K, KNN_T = 200, 0.1          # kNN monitor (InstDisc / solo-learn)
 PROBE_PASSES, PROBE_LR = 5, 0.1  # online probe: SGD passes over the clean training features per epoch
 COLLAPSE_STD = 0.1               # warn when √k · std of the normalised embeddings falls below this
 VIEW_CORR_IMAGES = 4096          # at least this many training images (and 64 per embedding dimension)
-AUG_STEPS = 8                    # --augment batched: steps whose views are made in one call (batched_epoch)
+AUG_STEPS = 8                    # --augment batched on a GPU: steps whose views are made in one call
 KEPT_WARN = 0.5                  # warn when PEIRA keeps (s > λ²) under this share of the directions seen
 VICREG_COEFFS = (25.0, 25.0, 1.0)  # invariance, variance, covariance (official VICReg)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -803,13 +803,15 @@ def augment_batch(images, params):
     return x
 
 
-def batched_epoch(images, labels, seed, epoch, global_batch, rank, world, chunk=AUG_STEPS):
+def batched_epoch(images, labels, seed, epoch, global_batch, rank, world, chunk=None):
     """The batches (x1, x2, y) of one epoch for this rank, augmented on images' device. The order is a
     permutation drawn from (seed, epoch) and the views of step i from (seed, epoch, i) for the whole
     global batch, of which each rank takes its rows: the views are those of one process on the global
     batch, whatever the number of ranks, and a resumed run continues exactly. Both views of `chunk`
     steps are augmented in one call (the same views: each image's are computed on its own), so that
-    on a GPU the pipeline's few hundred small kernels run once per chunk, not twice per step."""
+    on a GPU the pipeline's few hundred small kernels run once per chunk, not twice per step. chunk
+    None: AUG_STEPS on a GPU, 1 on a CPU (where larger calls ran 10–30% slower, out of cache)."""
+    chunk = chunk or (AUG_STEPS if images.device.type == "cuda" else 1)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     order = order.to(images.device)  # once per epoch
     local, steps = global_batch // world, len(images) // global_batch
