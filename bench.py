@@ -153,7 +153,7 @@ def augment_table(args, device):
         row["epoch"] = 2 * len(pool) / timed(epoch, max(1, args.steps // 3), device)
         rows.append(row)
     torch.set_num_threads(threads)
-    chunk = tc.AUG_STEPS if device.type == "cuda" else 1
+    chunk = tc.augment_steps(device)
     print(f"\n| threads | per-image views/s | batched views/s (batch {args.aug_batch}) | ratio | "
           f"an epoch's views/s (batched_epoch, {chunk} steps a call) |")
     print("|---|---|---|---|---|")

@@ -206,7 +206,7 @@ def train_run(argv):
         with open(config) as fh:
             saved = json.load(fh)
         history = [r for r in train_cifar.metrics_records(os.path.join(out, "metrics.jsonl")) if "knn" in r]
-        saved = {**train_cifar.ADDED_SETTINGS, **saved}  # settings added since: their value then
+        saved = train_cifar.with_added_settings(saved, vars(now))
         if all(saved.get(k) == v for k, v in vars(now).items()) and len(history) == now.epochs:
             return history
     for name in ("results.json", "evaluation.json"):

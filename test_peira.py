@@ -1209,7 +1209,8 @@ def test_image_benchmark_statistics_and_trials(capsys):
                                                                        setting["proj"])
     assert args.bf16 == setting["bf16"]
     for flag in (True, False):  # a boolean setting becomes --flag or --no-flag
-        argv = bench_images.run_argv("d", "o", "simsiam", {"lr_per_256": 0.24, "fix_pred_lr": flag}, 0, setting)
+        trial = {"lr_per_256": 0.24, "fix_pred_lr": flag}
+        argv = bench_images.run_argv("d", "o", "simsiam", trial, 0, setting)
         assert tc.parse_args(argv).fix_pred_lr is flag
     # the λ sweep's extra runs are drawn, never chosen: PEIRA's choice has as many candidates as the others'
     sweep = bench_images.lam_sweep_runs()
@@ -1995,8 +1996,9 @@ def test_plan_rows_are_the_same_planned_alone_or_with_others(tiny_two_rooms, tmp
 
 def test_plan_summary_of_separate_runs_equals_the_summary_of_one_run(tiny_two_rooms, tmp_path, monkeypatch,
                                                                       capsys):
-    """Rows are independent, so the seed summary of two runs' plan.json (--summary) is that of the run
-    planning both; a later file's row replaces a same-named one; other planner settings are refused."""
+    """Each row draws from its own generator (plan.py), so the seed summary of two runs' plan.json
+    (--summary) is that of the run planning both; a later file's row replaces a same-named one; other
+    planner settings are refused."""
     monkeypatch.setattr(tr, "MAX_STEPS", 25)
     monkeypatch.setattr(plan, "distance_maps", lambda *args: None)
     flags = ["--episodes", "3", "--samples", "8", "--horizon", "8"]

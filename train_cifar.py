@@ -368,11 +368,17 @@ NOT_RUN_KEYS = {"data", "out", "workers", "resume", "stop_after", "eval", "probe
 CHECKPOINT_KEYS = ("model", "probe", "peira", "opt", "probe_opt", "epoch", "config")
 
 
+def with_added_settings(saved, now):
+    """A saved configuration with the settings added to the script since it was written, for those this
+    run has, at the value every earlier run had (ADDED_SETTINGS)."""
+    return {**{k: v for k, v in ADDED_SETTINGS.items() if k in now}, **saved}
+
+
 def check_resume(saved, now, allowed):
     """Compare the checkpoint's configuration with this run's. A key that changes the run (loss,
     epochs, batch size, projector, world size, ...) must match unless named in --allow-change;
     returns the allowed changes as lines for the log."""
-    saved = {**{k: v for k, v in ADDED_SETTINGS.items() if k in now}, **saved}
+    saved = with_added_settings(saved, now)
     keys = sorted((set(saved) | set(now)) - NOT_RUN_KEYS)
     diff = {k: (saved.get(k, "absent"), now.get(k, "absent")) for k in keys if saved.get(k) != now.get(k)}
     refused = [k for k in diff if k not in allowed]
@@ -803,6 +809,12 @@ def augment_batch(images, params):
     return x
 
 
+def augment_steps(device):
+    """Steps whose views batched_epoch makes in one call by default: AUG_STEPS on a GPU, 1 on a CPU
+    (where larger calls ran 10–30% slower, out of cache)."""
+    return AUG_STEPS if device.type == "cuda" else 1
+
+
 def batched_epoch(images, labels, seed, epoch, global_batch, rank, world, chunk=None):
     """The batches (x1, x2, y) of one epoch for this rank, augmented on images' device. The order is a
     permutation drawn from (seed, epoch) and the views of step i from (seed, epoch, i) for the whole
@@ -810,8 +822,8 @@ def batched_epoch(images, labels, seed, epoch, global_batch, rank, world, chunk=
     batch, whatever the number of ranks, and a resumed run continues exactly. Both views of `chunk`
     steps are augmented in one call (the same views: each image's are computed on its own), so that
     on a GPU the pipeline's few hundred small kernels run once per chunk, not twice per step. chunk
-    None: AUG_STEPS on a GPU, 1 on a CPU (where larger calls ran 10–30% slower, out of cache)."""
-    chunk = chunk or (AUG_STEPS if images.device.type == "cuda" else 1)
+    None: augment_steps(images' device)."""
+    chunk = chunk or augment_steps(images.device)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     order = order.to(images.device)  # once per epoch
     local, steps = global_batch // world, len(images) // global_batch
@@ -1172,7 +1184,7 @@ def main(argv=None):
         if ckpt is None:
             sys.exit(f"--resume: no checkpoint at {ckpt_path}")
         changes = check_resume(ckpt["config"], config, args.allow_change.split(","))
-        if ckpt["config"].get("fix_pred_lr", False) != args.fix_pred_lr:  # even with --allow-change
+        if with_added_settings(ckpt["config"], config)["fix_pred_lr"] != args.fix_pred_lr:  # even if allowed
             sys.exit("cannot resume with another --fix-pred-lr: it regroups the optimiser's saved state")
     if master:
         prepare_out(args, config, ckpt, metrics_path)

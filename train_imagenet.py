@@ -343,11 +343,17 @@ NOT_RUN_KEYS = {"data", "out", "workers", "resume", "stop_after", "eval", "probe
 CHECKPOINT_KEYS = ("model", "probe", "peira", "opt", "probe_opt", "epoch", "config")
 
 
+def with_added_settings(saved, now):
+    """A saved configuration with the settings added to the script since it was written, for those this
+    run has, at the value every earlier run had (ADDED_SETTINGS)."""
+    return {**{k: v for k, v in ADDED_SETTINGS.items() if k in now}, **saved}
+
+
 def check_resume(saved, now, allowed):
     """Compare the checkpoint's configuration with this run's. A key that changes the run (loss,
     epochs, batch size, projector, world size, ...) must match unless named in --allow-change;
     returns the allowed changes as lines for the log."""
-    saved = {**{k: v for k, v in ADDED_SETTINGS.items() if k in now}, **saved}
+    saved = with_added_settings(saved, now)
     keys = sorted((set(saved) | set(now)) - NOT_RUN_KEYS)
     diff = {k: (saved.get(k, "absent"), now.get(k, "absent")) for k in keys if saved.get(k) != now.get(k)}
     refused = [k for k in diff if k not in allowed]

@@ -536,7 +536,8 @@ def train(name, args, pos, actions, held_out, device):
     without = []
     if name == "pldm":  # the ablations drop PLDM's terms only
         without = [term for term in args.without.split(",") if term]
-    # also the checkpoint's name, with the seed in it (s ≠ 0): models of several seeds share one --out
+    # also the checkpoint's name: peira.pt for seed 0, peira-seed1.pt for seed 1, ..., so that models
+    # of several seeds can share one --out
     seed = [f"seed{args.seed}"] if args.seed else []
     label = "-".join([name] + [f"without-{term}" for term in without] + seed)
     torch.manual_seed(args.seed)
