@@ -52,11 +52,8 @@ parser.add_argument("--segments", type=int, default=3, help="constant-action seg
 parser.add_argument("--replan", type=int, default=1, help="plan every this many steps")
 parser.add_argument("--time-cost", type=float, default=0.003,
                     help="cost per step of the plan, relative to the current distance to the goal")
-parser.add_argument("--cost", default="latent", choices=("latent", "slow", "latent+slow", "regressed"),
-                    help="the distance to the goal: ‖ẑ − z_goal‖; slow: ‖Wᵀ(ẑ − z_goal)‖ over the model's "
-                         "--slow-dims slowest directions W (slow_directions); regressed (PEIRA only): "
-                         "‖Pẑ − z_goal‖ with its regressor P")
-parser.add_argument("--slow-dims", type=int, default=4, help="--cost slow: how many slowest directions")
+parser.add_argument("--cost", default="latent", choices=("latent", "regressed"),
+                    help="PEIRA's cost: ‖ẑ − z_goal‖ or ‖Pẑ − z_goal‖ with its regressor P")
 parser.add_argument("--summary", default="",
                     help="plan nothing: success over training seeds (mean ± std, paired differences) from "
                          "the rows of these comma-separated plan.json files, planned with the same settings "
@@ -124,10 +121,9 @@ def true_distances(goals):
     return distances
 
 
-def latent_distances(model, goals, regressor=None, directions=None, blend=False):
+def latent_distances(model, goals, regressor=None):
     """Distances ‖ẑ_t − z_goal‖ of the model's open-loop predictions to the goal image's embedding
-    (of Pẑ_t, PEIRA's regression of the target embedding, when a regressor P is given; of Wᵀẑ_t to
-    Wᵀz_goal, the slow directions' coordinates, when directions W are given)."""
+    (of Pẑ_t, PEIRA's regression of the target embedding, when a regressor P is given)."""
     with torch.no_grad():
         goal_z = model.encode(tr.render(goals, model.res))
 
@@ -140,65 +136,8 @@ def latent_distances(model, goals, regressor=None, directions=None, blend=False)
         if regressor is not None:
             pred = pred @ regressor.T
         goal = goal_z[episodes]
-        if directions is None:
-            return (pred - goal[:, None, None]).norm(dim=-1), (z0 - goal).norm(dim=-1)
-        slow = ((pred - goal[:, None, None]) @ directions).norm(dim=-1) / ((z0 - goal) @ directions).norm(dim=-1)[:, None, None]
-        if not blend:
-            return slow, torch.ones(len(z0))
-        full = (pred - goal[:, None, None]).norm(dim=-1) / (z0 - goal).norm(dim=-1)[:, None, None]
-        return (slow + full) / 2, torch.ones(len(z0))
+        return (pred - goal[:, None, None]).norm(dim=-1), (z0 - goal).norm(dim=-1)
     return distances
-
-
-def slow_feature_directions(z_now, z_next, dims):
-    """The `dims` slowest directions of an embedding, by slow feature analysis (L. Wiskott and T. J.
-    Sejnowski, "Slow Feature Analysis: Unsupervised Learning of Invariances", Neural Computation,
-    2002): W (d, dims) minimising the mean ‖Wᵀ(z_next − z_now)‖² over consecutive embeddings (n, d)
-    subject to WᵀCW = I, C the covariance of the embeddings; columns slowest first. It is the linear
-    CCA of consecutive states with itself: their most correlated directions. Solved in float64 in the
-    principal subspace of C (directions without variance, such as LayerNorm's mean, left out)."""
-    both = torch.cat([z_now, z_next]).double()
-    both = both - both.mean(0)
-    change = (z_next - z_now).double()
-    variance, basis = torch.linalg.eigh(both.T @ both / len(both))
-    keep = variance > 1e-6 * variance.max()
-    whiten = basis[:, keep] / variance[keep].sqrt()                 # whitenᵀ C whiten = I
-    if not dims <= int(keep.sum()):
-        raise ValueError(f"{dims} slow directions asked, the embeddings vary in {int(keep.sum())}")
-    _, rotation = torch.linalg.eigh(whiten.T @ (change.T @ change / len(change)) @ whiten)  # ascending
-    return (whiten @ rotation[:, :dims]).to(z_now.dtype)
-
-
-def planned_embedding(model, directions=None):
-    """positions (n, 2) → the embeddings (n, ·) the planner measures distances in: the model's, or
-    their coordinates in the slow directions (--cost slow)."""
-    @torch.no_grad()
-    def embed(pos):
-        z = model.encode(tr.render(pos, model.res))
-        return z if directions is None else z @ directions
-    return embed
-
-
-SLOW_PAIRS = 8192  # consecutive states of the offline data that slow_directions embeds
-
-
-@torch.no_grad()
-def slow_directions(model, config, dims, pairs=SLOW_PAIRS):
-    """The model's slowest directions (slow_feature_directions) over consecutive states of its own
-    offline training data (regenerated from the checkpoint's configuration; the images its encoder
-    was trained on, no position). Along the data's random walk the slowest functions of the state
-    are its smoothest (the room first, then coarse position), so the distance in their coordinates
-    grows with the steps to the goal across the whole arena, through the door, where the full
-    embedding's distance is flat beyond a few steps (distance_profile)."""
-    data = tr.data_config(argparse.Namespace(**config))
-    pos, _ = tr.random_trajectories(data["trajectories"], data["length"], data["seed"], data["door_fraction"],
-                                    data["no_door"])
-    gen = torch.Generator().manual_seed(0)
-    traj = torch.randint(0, pos.shape[0], (pairs,), generator=gen)
-    t = torch.randint(0, pos.shape[1] - 1, (pairs,), generator=gen)
-    z_now, z_next = (torch.cat([model.encode(tr.render(chunk, model.res)) for chunk in p.split(1024)])
-                     for p in (pos[traj, t], pos[traj, t + 1]))
-    return slow_feature_directions(z_now, z_next, dims)
 
 
 LATTICE = 32  # an episode's positions are start + STEP·(i, j), |i|, |j| ≤ LATTICE covers the arena
@@ -323,9 +262,8 @@ def wilson(k, n, z=1.96):
 
 
 def load_model(path):
-    """(label, world model, PEIRA's regressor or None, its training configuration) from a checkpoint
-    of two_rooms.py; for any other file (foreign, damaged, from an older two_rooms.py) a one-line error
-    naming it."""
+    """(label, world model, PEIRA's regressor or None) from a checkpoint of two_rooms.py; for any
+    other file (foreign, damaged, from an older two_rooms.py) a one-line error naming it."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(ckpt, dict):  # e.g. a tensor saved alone: ckpt["config"] would index it
@@ -344,23 +282,23 @@ def load_model(path):
     if render != tr.RENDER_VERSION:  # its encoder never saw the images it would be given
         raise SystemExit(f"{path} was trained on images rendered by an older two_rooms.py (version {render}, "
                          f"now {tr.RENDER_VERSION}); train it again with `python two_rooms.py`")
-    return label, model.eval(), regressor, config
+    return label, model.eval(), regressor
 
 
 def load_models(spec):
-    """{label: (world model, PEIRA's regressor or None, training configuration)} from a folder of
-    <model>.pt or a list of files. Labels name the rows and seed their generators: two checkpoints with one label are refused."""
+    """{label: (world model, PEIRA's regressor or None)} from a folder of <model>.pt or a list of files.
+    Labels name the rows and seed their generators: two checkpoints with one label are refused."""
     paths = sorted(glob.glob(os.path.join(spec, "*.pt"))) if os.path.isdir(spec) else spec.split(",")
     paths = [path for path in paths if not os.path.basename(path).startswith("data_")]  # not the data cache
     if not paths or not all(os.path.isfile(path) for path in paths):
         raise SystemExit(f"no world models at {spec}: train them with `python two_rooms.py` first")
     models, sources = {}, {}
     for path in paths:
-        label, model, regressor, config = load_model(path)
+        label, model, regressor = load_model(path)
         if label in sources:
             raise SystemExit(f"{sources[label]} and {path} are both labelled {label}: plan them in separate "
                              "runs, or train them with different --seed (the label carries it)")
-        models[label], sources[label] = (model, regressor, config), path
+        models[label], sources[label] = (model, regressor), path
     return models
 
 
@@ -384,20 +322,20 @@ def figure(paths, starts, goals, out, res=64):
 
 
 @torch.no_grad()
-def distance_maps(embeddings, goal, out):
+def distance_maps(models, goal, out):
     """Why a model succeeds or fails: over the arena, the true number of steps to one goal, and each
-    model's latent distance ‖z(x) − z_goal‖ to it (embeddings: {name: planned_embedding}). A map a
-    planner can follow rises away from the goal along the path through the door; one that rises
-    straight across the wall leads into the wall."""
+    model's latent distance ‖z(x) − z_goal‖ to it. A map a planner can follow rises away from the goal
+    along the path through the door; one that rises straight across the wall leads into the wall."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     grid, steps = steps_around(goal)
     ok = tr.free(grid)
     maps = {"true steps to the goal": steps}
-    for name, embed in embeddings.items():
-        distance = (embed(grid.reshape(-1, 2)) - embed(goal[None])).norm(dim=-1)
-        maps[f"{name}: ‖z − z_goal‖"] = distance.reshape(ok.shape)
+    for name, (model, _) in models.items():
+        z = model.encode(tr.render(grid.reshape(-1, 2), model.res))
+        z_goal = model.encode(tr.render(goal[None], model.res))
+        maps[f"{name}: ‖z − z_goal‖"] = (z - z_goal).norm(dim=-1).reshape(ok.shape)
     fig, axes = plt.subplots(1, len(maps), figsize=(3.3 * len(maps), 3.4))
     extent = (grid[0, 0, 0] - 1, grid[0, -1, 0] + 1, grid[-1, 0, 1] + 1, grid[0, 0, 1] - 1)
     for ax, (title, m) in zip(axes, maps.items()):
@@ -494,15 +432,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.summary:
         return summarise(args.summary.split(","))
-    if min(args.horizon, args.episodes, args.samples, args.segments, args.replan, args.slow_dims) < 1:
-        parser.error("need --horizon, --episodes, --samples, --segments, --replan, --slow-dims ≥ 1")
+    if min(args.horizon, args.episodes, args.samples, args.segments, args.replan) < 1:
+        parser.error("need --horizon, --episodes, --samples, --segments, --replan ≥ 1")
     if not 0 <= args.time_cost < math.inf:  # nan fails too
         parser.error(f"need a finite --time-cost ≥ 0, got {args.time_cost}")
     if not args.replan <= args.horizon:
         parser.error("need --replan ≤ --horizon")
     models = load_models(args.models)
     if args.cost == "regressed":  # only PEIRA's checkpoints hold a regressor P
-        plain = [name for name, (_, regressor, _) in models.items() if regressor is None]
+        plain = [name for name, (_, regressor) in models.items() if regressor is None]
         if len(plain) == len(models):
             parser.error(f"--cost regressed needs a PEIRA model (its regressor P); {args.models} has none")
         if plain:
@@ -518,11 +456,8 @@ def main(argv=None):
                 "random": lambda pos, episodes: torch.randint(0, 4, (len(pos),), generator=random_gen)}
     row = "true dynamics + planner, position cost"
     policies[row] = Planner(true_distances(goals), len(goals), args, row_generator(args.seed, row))
-    slow = {name: slow_directions(model, config, args.slow_dims) if "slow" in args.cost else None
-            for name, (model, _, config) in models.items()}
-    for name, (model, regressor, _) in models.items():
-        regressor = regressor if args.cost == "regressed" else None
-        distances = latent_distances(model, goals, regressor, slow[name], args.cost == "latent+slow")
+    for name, (model, regressor) in models.items():
+        distances = latent_distances(model, goals, regressor if args.cost == "regressed" else None)
         row = f"{name} + planner"
         policies[row] = Planner(distances, len(goals), args, row_generator(args.seed, row))
 
@@ -542,9 +477,10 @@ def main(argv=None):
                      "success_by_length": [success[third == i].float().mean().item() if (third == i).any()
                                            else None for i in range(3)]})
         paths[name] = path
-    for name, (model, _, _) in models.items():  # how far the distance the planner used points the way
+    for name, (model, _) in models.items():  # how far each model's latent distance points the way
+        embed = lambda pos, model=model: model.encode(tr.render(pos, model.res))  # noqa: E731
         next(row for row in rows if row["method"] == f"{name} + planner")["distance_profile"] = \
-            distance_profile(planned_embedding(model, slow[name]), goals[:PROFILE_GOALS])
+            distance_profile(embed, goals[:PROFILE_GOALS])
 
     # the table, plan.json and the figures
     print(f"\nTwo Rooms, {args.episodes} episodes (start/goal seed {args.seed}), success within "
@@ -577,8 +513,7 @@ def main(argv=None):
     with open(os.path.join(args.out, "plan.json"), "w") as fh:
         json.dump({"config": vars(args), "rows": rows}, fh, indent=1)
     figure(paths, starts, goals, args.out)
-    distance_maps({name: planned_embedding(model, slow[name]) for name, (model, _, _) in models.items()},
-                  goals[0], args.out)
+    distance_maps(models, goals[0], args.out)
     return rows
 
 

@@ -1865,45 +1865,6 @@ def test_distance_profile_reads_how_far_a_latent_distance_keeps_rising():
     assert collapsed["basin_radius"] is None and math.isnan(collapsed["spearman"])  # a table cell, no crash
 
 
-def test_slow_feature_directions_solve_the_generalised_eigenproblem_and_find_the_planted_slow_signal():
-    """Slow feature analysis against scipy's generalised symmetric eigensolver on the same moments
-    (D w = μ C w, the μ smallest), and on embeddings that mix, through a random matrix, two slow
-    AR(1) signals (lag-1 correlation 0.99) with four white ones, plus a direction without variance
-    (LayerNorm's mean): the two slowest directions read the slow signals back (canonical
-    correlations about 1), and the white ones are left out."""
-    import scipy.linalg
-    gen = torch.Generator().manual_seed(0)
-    steps = 4000
-    slow = torch.zeros(steps + 1, 2, dtype=torch.float64)
-    for t in range(steps):
-        innovation = torch.randn(2, generator=gen, dtype=torch.float64)
-        slow[t + 1] = 0.99 * slow[t] + math.sqrt(1 - 0.99 ** 2) * innovation
-    white = torch.randn(steps + 1, 4, generator=gen, dtype=torch.float64)
-    sources = torch.cat([slow, white], 1)
-    mixing = torch.randn(6, 7, generator=gen, dtype=torch.float64)
-    z = sources @ mixing
-    z = z - z.mean(1, keepdim=True)  # as LayerNorm: one direction (the all-ones) without variance
-    z_now, z_next = z[:-1], z[1:]
-    directions = plan.slow_feature_directions(z_now, z_next, 2)
-    assert directions.shape == (7, 2) and directions.dtype == torch.float64
-    # the planted signals: the slow coordinates span the slow sources
-    coords = z @ directions
-    a, b = coords - coords.mean(0), slow - slow.mean(0)
-    qa, qb = torch.linalg.qr(a)[0], torch.linalg.qr(b)[0]
-    assert torch.linalg.svdvals(qa.T @ qb).min() > 0.99
-    # the same directions from scipy, in the principal subspace (C is singular along the all-ones)
-    both = torch.cat([z_now, z_next]) - torch.cat([z_now, z_next]).mean(0)
-    cov, change = (both.T @ both / len(both)).numpy(), (z_next - z_now).numpy()
-    basis = scipy.linalg.orth(cov)
-    mu, w = scipy.linalg.eigh(basis.T @ (change.T @ change / len(change)) @ basis, basis.T @ cov @ basis)
-    expected = torch.from_numpy(basis @ w[:, :2])
-    eye = torch.eye(2, dtype=torch.float64)
-    assert torch.allclose(directions.T @ torch.from_numpy(cov) @ directions, eye, atol=1e-8)
-    assert torch.allclose((directions.T @ torch.from_numpy(cov) @ expected).abs(), eye, atol=1e-6)
-    with pytest.raises(ValueError, match="vary in 6"):
-        plan.slow_feature_directions(z_now, z_next, 7)
-
-
 def test_two_rooms_and_plan_end_to_end(tmp_path):
     tr.main(["--out", str(tmp_path), "--steps", "4", "--trajectories", "64", "--length", "24", "--res", "16",
              "--batch-size", "8"])
@@ -1916,11 +1877,6 @@ def test_two_rooms_and_plan_end_to_end(tmp_path):
     methods = [r["method"] for r in rows]
     assert methods[:3] == ["oracle (shortest path)", "random", "true dynamics + planner, position cost"]
     assert len(methods) == 6 and rows[0]["success"] == 1.0
-    slow = plan.main(["--models", str(tmp_path), "--episodes", "4", "--out", str(tmp_path / "plan_slow"),
-                      "--samples", "16", "--horizon", "8", "--cost", "slow", "--slow-dims", "2"])
-    assert [r["method"] for r in slow] == methods
-    assert all(r["distance_profile"]["spearman"] != p["distance_profile"]["spearman"]
-               for r, p in zip(slow[3:], rows[3:]))  # the profile reads the distance planned with
     tr.main(["--out", str(tmp_path / "ablation"), "--losses", "pldm", "--without", "var,idm", "--steps", "2",
              "--trajectories", "16", "--length", "24", "--res", "16", "--batch-size", "4"])
     assert (tmp_path / "ablation" / "pldm-without-var-without-idm.pt").exists()
@@ -2113,7 +2069,7 @@ def test_plan_refuses_foreign_damaged_stale_and_duplicate_checkpoints_in_one_lin
 def test_plan_and_two_rooms_reject_nonsense_flags(tiny_two_rooms, tmp_path, capsys, monkeypatch):
     empty = str(tmp_path)  # never reached: the parser refuses first
     for bad in (["--horizon", "0"], ["--horizon", "-2"], ["--time-cost", "nan"], ["--time-cost", "inf"],
-                ["--samples", "0"], ["--cost", "slow", "--slow-dims", "0"]):
+                ["--samples", "0"]):
         with pytest.raises(SystemExit) as exc:
             plan.main(["--models", empty, *bad])
         assert exc.value.code == 2, bad  # a parser error
