@@ -14,7 +14,7 @@ of the four actions (--segments constant pieces over --horizon steps) and the pr
 rolled out in the model; a sequence costs the smallest latent distance ‖ẑ_t − z_goal‖ it reaches, relative
 to the current one, plus --time-cost per step to get there; the first action of the cheapest is taken. The
 time cost (0.01, chosen on the validation pairs) breaks near-ties: with 0.003 the planner was all but
-indifferent between a distance reached now and one reached 15 steps later, and near the goal it took
+indifferent between a distance reached now and one reached a dozen steps later, and near the goal it took
 detours whose predicted end was closer by about the model's error, and circled the goal; with 0.03 it
 walks into walls rather than round them. The row "true dynamics + planner, position cost" runs the same
 planner on the real dynamics with the wall-blind distance of positions, the ideal of a latent that encodes
