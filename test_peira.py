@@ -1996,9 +1996,9 @@ def test_plan_rows_are_the_same_planned_alone_or_with_others(tiny_two_rooms, tmp
 
 def test_plan_summary_of_separate_runs_equals_the_summary_of_one_run(tiny_two_rooms, tmp_path, monkeypatch,
                                                                       capsys):
-    """Each row draws from its own generator (plan.py), so the seed summary of two runs' plan.json
-    (--summary) is that of the run planning both; a later file's row replaces a same-named one; other
-    planner settings are refused."""
+    """Every row of plan.py's table draws from its own random generator, so the seed summary of two
+    runs' plan.json (--summary) is that of one run planning both; a later file's row replaces a
+    same-named one; runs with other planner settings are refused."""
     monkeypatch.setattr(tr, "MAX_STEPS", 25)
     monkeypatch.setattr(plan, "distance_maps", lambda *args: None)
     flags = ["--episodes", "3", "--samples", "8", "--horizon", "8"]
