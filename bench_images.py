@@ -245,7 +245,8 @@ def evaluate_run(out, splits, probe_epochs):
         if tuple(cached.get(k) for k in key) == (ckpt["epoch"], probe_epochs, ckpt["config"], PROBE_INPUT):
             return cached
     cfg = ckpt["config"]
-    model = train_cifar.SSLModel(cfg["loss"], cfg["width"], [int(d) for d in cfg["proj"].split("-")])
+    model = train_cifar.SSLModel(cfg["loss"], cfg["width"], [int(d) for d in cfg["proj"].split("-")],
+                                 cfg.get("pred_hidden"))
     model.load_state_dict(ckpt["model"])
     result = {**backbone_evaluation(model.backbone, splits, probe_epochs, cfg["bf16"]),
               "epoch": ckpt["epoch"], "probe_epochs": probe_epochs, "config": cfg}

@@ -70,6 +70,11 @@ parser.add_argument("--eta-start", type=float, default=0.8, help="running-moment
 parser.add_argument("--eta-end", type=float, default=0.5, help="η at the last step (linear anneal)")
 parser.add_argument("--proj", help="projector widths, last = embedding dim k; " + RECIPE)
 parser.add_argument("--width", type=int, default=64, help="ResNet-18 base width")
+parser.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=True,
+                    help="the last batch norm of each residual block starts at 0, so that each block starts "
+                         "as its shortcut (as SimSiam's and VICReg's code)")
+parser.add_argument("--pred-hidden", type=int,
+                    help="SimSiam: the predictor's hidden width (default: k/4, SimSiam's 2048-512-2048)")
 parser.add_argument("--augment", default="batched", choices=["batched", "per-image"],
                     help="views augmented as whole batches on the training device, or image by image by "
                          "torchvision in DataLoader workers (the same distributions)")
@@ -118,7 +123,7 @@ VICREG_COEFFS = (25.0, 25.0, 1.0)  # invariance, variance, covariance (official 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 # settings added after checkpoints were written, with the value every run before them had: a
 # configuration without one is compared as if it held that value (--resume, bench_images.py's reuse)
-ADDED_SETTINGS = {"fix_pred_lr": False}
+ADDED_SETTINGS = {"fix_pred_lr": False, "zero_init_residual": False, "pred_hidden": None}
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -165,7 +170,10 @@ def vicreg_loss(z1, z2, world):
 
 
 def simsiam_loss(z1, z2, p1, p2):
-    """SimSiam (Chen & He, CVPR 2021): symmetric negative cosine, stop-gradient on the targets."""
+    """SimSiam (Chen & He, CVPR 2021): symmetric negative cosine, stop-gradient on the targets. In
+    float32: under bf16 autocast the cosines' 8-bit mantissa rounds away the small differences
+    between the views that the gradient lives on."""
+    z1, z2, p1, p2 = z1.float(), z2.float(), p1.float(), p2.float()
     return -0.5 * (F.cosine_similarity(p1, z2.detach()).mean() + F.cosine_similarity(p2, z1.detach()).mean())
 
 
@@ -870,7 +878,7 @@ class BasicBlock(nn.Module):
 class ResNet18(nn.Module):
     """ResNet-18 with the CIFAR stem: 3×3 conv, stride 1, no max-pool. Output: pooled features."""
 
-    def __init__(self, width=64):
+    def __init__(self, width=64, zero_init_residual=True):
         super().__init__()
         w = [width, 2 * width, 4 * width, 8 * width]
         self.stem = nn.Sequential(nn.Conv2d(3, w[0], 3, 1, 1, bias=False), nn.BatchNorm2d(w[0]), nn.ReLU())
@@ -879,6 +887,9 @@ class ResNet18(nn.Module):
             blocks += [BasicBlock(cin, cout, 1 if i == 0 else 2), BasicBlock(cout, cout, 1)]
             cin = cout
         self.blocks = nn.Sequential(*blocks)
+        if zero_init_residual:  # each block starts as its shortcut (Goyal et al., arXiv:1706.02677)
+            for block in blocks:
+                nn.init.zeros_(block.bn2.weight)
         self.dim = w[-1]
         self.to(memory_format=torch.channels_last)  # NHWC: the faster convolutions of oneDNN and cuDNN
 
@@ -888,13 +899,14 @@ class ResNet18(nn.Module):
 
 
 class SSLModel(nn.Module):
-    def __init__(self, loss, width, proj):
+    def __init__(self, loss, width, proj, pred_hidden=None, zero_init_residual=True):
         super().__init__()
-        self.backbone = ResNet18(width)
+        self.backbone = ResNet18(width, zero_init_residual)
         dims = [self.backbone.dim] + proj
         self.projector = mlp(dims, last_bn=loss == "simsiam")
-        # SimSiam's predictor: bottleneck of a quarter of the embedding (2048-512-2048)
-        self.predictor = mlp([dims[-1], dims[-1] // 4, dims[-1]], False) if loss == "simsiam" else None
+        # SimSiam's predictor: by default a bottleneck of a quarter of the embedding (2048-512-2048)
+        hidden = pred_hidden or dims[-1] // 4
+        self.predictor = mlp([dims[-1], hidden, dims[-1]], False) if loss == "simsiam" else None
 
     def forward(self, x1, x2):
         """(h1, z1, z2, p1, p2). Each view in its own forward: batch-norm statistics per view, as
@@ -1063,7 +1075,8 @@ def evaluate_checkpoint(args, rank, world, device):
     except ValueError as e:
         sys.exit(str(e))
     cfg = ckpt["config"]
-    model = SSLModel(cfg["loss"], cfg["width"], [int(d) for d in cfg["proj"].split("-")]).to(device)
+    model = SSLModel(cfg["loss"], cfg["width"], [int(d) for d in cfg["proj"].split("-")],
+                     cfg.get("pred_hidden")).to(device)
     model.load_state_dict(ckpt["model"])
     train_x, train_y, test_x, test_y = load_splits(args.data, cfg["subset"], rank, world)
     bf16 = cfg.get("bf16", False)  # the features in the precision the network was trained in
@@ -1156,8 +1169,11 @@ def check_args(args):
     problems, proj = setting_problems(args)
     if args.epochs < 1 or args.batch_size < 2 or args.lr <= 0:
         problems.append("--epochs ≥ 1, --batch-size ≥ 2 and --lr > 0 are required")
-    if args.fix_pred_lr and args.loss != "simsiam":
-        problems.append(f"--fix-pred-lr: --loss {args.loss} has no predictor")
+    for flag, value in (("--fix-pred-lr", args.fix_pred_lr), ("--pred-hidden", args.pred_hidden)):
+        if value and args.loss != "simsiam":
+            problems.append(f"{flag}: --loss {args.loss} has no predictor")
+    if args.pred_hidden is not None and args.pred_hidden < 1:
+        problems.append(f"--pred-hidden must be ≥ 1 (got {args.pred_hidden})")
     if problems:
         parser.error("; ".join(problems))
     return proj
@@ -1184,8 +1200,11 @@ def main(argv=None):
         if ckpt is None:
             sys.exit(f"--resume: no checkpoint at {ckpt_path}")
         changes = check_resume(ckpt["config"], config, args.allow_change.split(","))
-        if with_added_settings(ckpt["config"], config)["fix_pred_lr"] != args.fix_pred_lr:  # even if allowed
-            sys.exit("cannot resume with another --fix-pred-lr: it regroups the optimiser's saved state")
+        saved = with_added_settings(ckpt["config"], config)
+        for key, why in (("fix_pred_lr", "it regroups the optimiser's saved state"),
+                         ("pred_hidden", "the saved predictor has another shape")):
+            if saved[key] != config[key]:  # even if allowed
+                sys.exit(f"cannot resume with another --{key.replace('_', '-')}: {why}")
     if master:
         prepare_out(args, config, ckpt, metrics_path)
 
@@ -1202,7 +1221,7 @@ def main(argv=None):
 
     # model, losses, optimisers
     torch.manual_seed(args.seed)
-    model = SSLModel(args.loss, args.width, proj).to(device)
+    model = SSLModel(args.loss, args.width, proj, args.pred_hidden, args.zero_init_residual).to(device)
     probe = OnlineProbe(model.backbone.dim, 10).to(device)
     if world > 1 and device.type == "cuda":  # SyncBatchNorm runs on GPUs only; CPU ranks keep local BN
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

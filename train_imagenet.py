@@ -66,6 +66,9 @@ parser.add_argument("--lam", type=float, default=0.1)
 parser.add_argument("--eta-start", type=float, default=0.9)
 parser.add_argument("--eta-end", type=float, default=0.5)
 parser.add_argument("--proj", help="projector widths, last = embedding dim k; " + RECIPE)
+parser.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=True,
+                    help="the last batch norm of each residual block starts at 0, so that each block starts "
+                         "as its shortcut (as SimSiam's and VICReg's code)")
 parser.add_argument("--image-size", type=int, default=224, help="crop size (small values for tests)")
 parser.add_argument("--workers", type=int, default=min(10, os.cpu_count() or 1),
                     help="loader workers per rank")
@@ -92,7 +95,7 @@ RECIPES = {
     "vicreg": dict(lr_per_256=0.2, min_lr_ratio=1e-3, wd=1e-6, warmup_epochs=10, clip=0.0,
                    proj="8192-8192-8192"),
 }
-ADDED_SETTINGS = {}  # settings added after checkpoints were written, with their earlier value (check_resume)
+ADDED_SETTINGS = {"zero_init_residual": False}  # settings added after checkpoints were written, with their earlier value (check_resume)
 VICREG_COEFFS = (25.0, 25.0, 1.0)  # invariance, variance, covariance (official VICReg)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -140,7 +143,10 @@ def vicreg_loss(z1, z2, world):
 
 
 def simsiam_loss(z1, z2, p1, p2):
-    """SimSiam (Chen & He, CVPR 2021): symmetric negative cosine, stop-gradient on the targets."""
+    """SimSiam (Chen & He, CVPR 2021): symmetric negative cosine, stop-gradient on the targets. In
+    float32: under bf16 autocast the cosines' 8-bit mantissa rounds away the small differences
+    between the views that the gradient lives on."""
+    z1, z2, p1, p2 = z1.float(), z2.float(), p1.float(), p2.float()
     return -0.5 * (F.cosine_similarity(p1, z2.detach()).mean() + F.cosine_similarity(p2, z1.detach()).mean())
 
 
@@ -598,9 +604,11 @@ def clean_loader(root, size, batch, workers, rank, world):
 # -----------------------------------------------------------------------------
 # model: torchvision ResNet-50, projector (no predictor: SimSiam is not run on ImageNet)
 
-def resnet50():
-    """torchvision's ResNet-50 without its classifier. Output: pooled features (2048-d)."""
-    net = torchvision.models.resnet50()  # fc is built and initialised (drawing from the RNG), then dropped
+def resnet50(zero_init_residual=True):
+    """torchvision's ResNet-50 without its classifier. Output: pooled features (2048-d).
+    zero_init_residual: each block starts as its shortcut (Goyal et al., arXiv:1706.02677)."""
+    # fc is built and initialised (drawing from the RNG), then dropped
+    net = torchvision.models.resnet50(zero_init_residual=zero_init_residual)
     net.fc = nn.Identity()
     net.dim = 2048
     return net
@@ -610,9 +618,9 @@ class SSLModel(nn.Module):
     """ResNet-50 and projector. loss as in train_cifar.py's SSLModel, where simsiam adds a
     predictor: neither ImageNet loss (peira, vicreg) has one."""
 
-    def __init__(self, loss, proj):
+    def __init__(self, loss, proj, zero_init_residual=True):
         super().__init__()
-        self.backbone = resnet50()
+        self.backbone = resnet50(zero_init_residual)
         dims = [self.backbone.dim] + proj
         self.projector = mlp(dims, last_bn=False)
         self.predictor = None
@@ -770,7 +778,7 @@ def main(argv=None):
 
     # model, losses, optimisers
     torch.manual_seed(args.seed)
-    model = SSLModel(args.loss, proj).to(device).to(memory_format=torch.channels_last)
+    model = SSLModel(args.loss, proj, args.zero_init_residual).to(device).to(memory_format=torch.channels_last)
     probe = nn.Linear(model.backbone.dim, len(classes)).to(device)
     if world > 1 and device.type == "cuda":  # SyncBatchNorm runs on GPUs only; CPU ranks keep local BN
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
