@@ -63,9 +63,11 @@ parser.add_argument("--compare-augment", action="store_true",
 
 # the CPU setting, the same for every loss (train_cifar.py flags): README says what was measured before it.
 # bf16: autocast in training and evaluation, about 2× faster on CPUs with AVX-512 BF16 or AMX, slower
-# without them (--no-bf16)
-SETTING = {"cifar10": dict(train_size=10000, val_size=2000, epochs=10, width=16, proj="128-128-64", batch=128,
-                           bf16=True),
+# without them (--no-bf16). CIFAR-10's projector: 4× the representation (128 at width 16) in every layer,
+# as solo-learn's CIFAR configs give VICReg and SimSiam on ResNet-18 (2048 on its 512); SimSiam's predictor
+# is then 512-128-512, its k-k/4-k
+SETTING = {"cifar10": dict(train_size=10000, val_size=2000, epochs=10, width=16, proj="512-512-512",
+                           batch=128, bf16=True),
            "digits": dict(train_size=1197, val_size=300, epochs=20, width=16, proj="128-128-64", batch=128,
                           bf16=True)}
 # the trials of each loss on the validation split, the same number for every loss: its learning rate

@@ -95,7 +95,8 @@ RECIPES = {
     "vicreg": dict(lr_per_256=0.2, min_lr_ratio=1e-3, wd=1e-6, warmup_epochs=10, clip=0.0,
                    proj="8192-8192-8192"),
 }
-ADDED_SETTINGS = {"zero_init_residual": False}  # settings added after checkpoints were written, with their earlier value (check_resume)
+# settings added after checkpoints were written, with their earlier value (check_resume)
+ADDED_SETTINGS = {"zero_init_residual": False}
 VICREG_COEFFS = (25.0, 25.0, 1.0)  # invariance, variance, covariance (official VICReg)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -778,7 +779,8 @@ def main(argv=None):
 
     # model, losses, optimisers
     torch.manual_seed(args.seed)
-    model = SSLModel(args.loss, proj, args.zero_init_residual).to(device).to(memory_format=torch.channels_last)
+    model = SSLModel(args.loss, proj, args.zero_init_residual).to(device)
+    model = model.to(memory_format=torch.channels_last)
     probe = nn.Linear(model.backbone.dim, len(classes)).to(device)
     if world > 1 and device.type == "cuda":  # SyncBatchNorm runs on GPUs only; CPU ranks keep local BN
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
