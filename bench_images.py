@@ -4,6 +4,7 @@
     python bench_images.py --data DIR --seeds 0,1,2      # test images: the chosen settings, table, figures
     python bench_images.py --dataset digits --tune       # the same on scikit-learn's digits (no download)
     python bench_images.py --data DIR --compare-augment --epochs 5   # batched views vs per-image, same seeds
+    python bench_images.py --data DIR --trial '{"loss": "vicreg", "lr": 3.0, "proj": "128-128-64"}'  # one more
 
 DIR holds CIFAR-10 as train_cifar.py reads it: torchvision's cifar-10-batches-py, or an image folder
 (train/<class>/*.jpg, test/<class>/*.jpg). The benchmark writes its splits once, in CIFAR-10's on-disk
@@ -50,13 +51,18 @@ parser.add_argument("--dataset", default="cifar10", choices=["cifar10", "digits"
 parser.add_argument("--data", default="./data", help="CIFAR-10 (train_cifar.py --data); unused for digits")
 parser.add_argument("--out", help="output folder (default out/bench_DATASET)")
 parser.add_argument("--tune", action="store_true", help="run every loss's trials on the validation split")
-parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (test split)")
+parser.add_argument("--seeds", help="comma-separated training seeds (default: 0,1,2 on the test split, 0 for "
+                                   "--tune and --trial)")
 parser.add_argument("--losses", default="peira,simsiam,vicreg", help="comma-separated losses to compare")
 parser.add_argument("--train-size", type=int, help="training images (default: SETTING's)")
 parser.add_argument("--epochs", type=int, help="epochs per run (default: SETTING's)")
 parser.add_argument("--bf16", action=argparse.BooleanOptionalAction,
                     help="bf16 autocast (default: SETTING's)")
 parser.add_argument("--probe-epochs", type=int, default=100, help="offline linear probe epochs")
+parser.add_argument("--trial", metavar="JSON",
+                    help='one configuration outside the trials, on the validation split (never a candidate), '
+                         'e.g. \'{"loss": "vicreg", "lr": 3.0, "proj": "128-128-64"}\': train_cifar.py flags '
+                         'over SETTING; its row beside the references')
 parser.add_argument("--compare-augment", action="store_true",
                     help="test split: PEIRA (λ 0.1) with train_cifar's batched views and with torchvision's "
                          "per-image pipeline, same seeds: does the pipeline change accuracy?")
@@ -406,12 +412,23 @@ def main(argv=None):
                     if getattr(args, k) is not None})
     losses = [x for x in args.losses.split(",") if x]
     try:
-        seeds = [0] if args.tune else [int(s) for s in args.seeds.split(",")]
+        default = "0" if args.tune or args.trial else "0,1,2"
+        seeds = [int(s) for s in (args.seeds or default).split(",")]
     except ValueError:
         parser.error(f"--seeds takes comma-separated integers (got {args.seeds!r})")
     if any(x not in TRIALS for x in losses) or setting["epochs"] < 2:
         parser.error(f"--losses from {', '.join(TRIALS)} (got {args.losses!r}); --epochs ≥ 2")
-    split = "validation" if args.tune else "test"
+    extra = {}
+    if args.trial:
+        try:
+            extra = json.loads(args.trial)
+            assert isinstance(extra, dict) and extra.pop("loss", None) in TRIALS
+            assert not {"seed", "out", "data"} & set(extra)  # the benchmark's own
+        except (ValueError, AssertionError):
+            parser.error(f"--trial takes a JSON object with a loss from {', '.join(TRIALS)} and "
+                         f"train_cifar.py flags other than seed, out, data (got {args.trial!r})")
+        losses = [json.loads(args.trial)["loss"]]
+    split = "validation" if args.tune or args.trial else "test"
     os.makedirs(args.out, exist_ok=True)
     data = build_split(args, setting, split)
     tuned_path = os.path.join(args.out, "tuned.json")
@@ -419,6 +436,8 @@ def main(argv=None):
         plan = [(loss, trial) for loss in losses for trial in TRIALS[loss]]
         if "peira" in losses:  # the λ sweep's figure: its runs that are not trials
             plan += [("peira", t) for t in lam_sweep_runs() if t not in TRIALS["peira"]]
+    elif args.trial:
+        plan = [(losses[0], extra)]
     elif args.compare_augment:
         plan = [("peira", {"lam": 0.1, "augment": pipeline}) for pipeline in ("batched", "per-image")]
     else:
@@ -468,6 +487,8 @@ def main(argv=None):
         if "peira" in losses:
             plot_lam_sweep([groups[trial_name("peira", t)][0] for t in lam_sweep_runs()], args.out)
         result["tuned"] = tuned
+    elif args.trial:
+        return result  # its evaluation stays in its run's folder; results_validation.json is the trials'
     elif args.compare_augment:
         print_differences(groups, trial_name(*plan[0]))
     else:

@@ -1258,6 +1258,12 @@ def test_image_benchmark_statistics_and_trials(capsys):
         trial = {"lr_per_256": 0.24, "fix_pred_lr": flag}
         argv = bench_images.run_argv("d", "o", "simsiam", trial, 0, setting)
         assert tc.parse_args(argv).fix_pred_lr is flag
+    # --trial: its flags override SETTING's; the benchmark's own settings and a missing loss are refused
+    argv = bench_images.run_argv("d", "o", "vicreg", {"proj": "128-128-64"}, 0, setting)
+    assert setting["proj"] != "128-128-64" and tc.parse_args(argv).proj == "128-128-64"
+    for bad in ('{"lr": 3.0}', '{"loss": "vicreg", "seed": 1}', '[1]', '{"loss": "vicreg"'):
+        with pytest.raises(SystemExit):
+            bench_images.main(["--trial", bad, "--out", "unused"])
     # the λ sweep's extra runs are drawn, never chosen: PEIRA's choice has as many candidates as the others'
     sweep = bench_images.lam_sweep_runs()
     assert [t["lam"] for t in sweep] == list(bench_images.LAM_SWEEP)
