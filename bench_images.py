@@ -4,7 +4,7 @@
     python bench_images.py --data DIR --seeds 0,1,2      # test images: the chosen settings, table, figures
     python bench_images.py --dataset digits --tune       # the same on scikit-learn's digits (no download)
     python bench_images.py --data DIR --compare-augment --epochs 5   # batched views vs per-image, same seeds
-    python bench_images.py --data DIR --trial '{"loss": "vicreg", "lr": 3.0, "proj": "128-128-64"}'  # one more
+    python bench_images.py --data DIR --trial '{"loss": "vicreg", "lr": 3.0, "proj": "128-128-64"}'  # one run
 
 DIR holds CIFAR-10 as train_cifar.py reads it: torchvision's cifar-10-batches-py, or an image folder
 (train/<class>/*.jpg, test/<class>/*.jpg). The benchmark writes its splits once, in CIFAR-10's on-disk
