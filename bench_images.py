@@ -8,9 +8,9 @@
 
 DIR holds CIFAR-10 as train_cifar.py reads it: torchvision's cifar-10-batches-py, or an image folder
 (train/<class>/*.jpg, test/<class>/*.jpg). The benchmark writes its splits once, in CIFAR-10's on-disk
-format, into --out: a class-balanced training subset of --train-size images; for --tune, --val-size
-other training images as validation split (the test images are not written); otherwise the 10,000
-test images. Every run is `train_cifar.py` with the same CPU setting (SETTING: width, projector,
+format, into --out: a class-balanced training subset of --train-size images; for --tune and --trial,
+--val-size other training images as validation split (the test images are not written); otherwise
+the 10,000 test images. Every run is `train_cifar.py` with the same CPU setting (SETTING: width, projector,
 batch, epochs, augmentations) and its loss's own objective and optimiser; a finished run is reused.
 
 --tune runs TRIALS on the validation split (seed 0): the same number of trials for every loss (its
@@ -20,12 +20,15 @@ the offline linear probe on frozen features (primary; 100 epochs of SGD on the b
 standardised with the training features' mean and std), kNN (cosine, k 20 and T 0.07 as
 solo-learn; k 200 and T 0.1 as InstDisc), the kNN monitor of the first and last epoch, rank(N),
 the directions the training images show above their null, corr(PEIRA objective, test kNN) over
-epochs and P–S alignment; raw pixels and the untrained network
-through the same kNN and probe; per loss mean ± std over seeds and PEIRA − each baseline as paired
-differences with a 95% t interval. Writes results_SPLIT.json, knn_by_epoch_SPLIT.png,
-objective_vs_knn_SPLIT.png, alignment_by_epoch_SPLIT.png and, with --tune, lam_sweep.png.
+epochs and P–S alignment; raw pixels and the untrained network (as training starts from it, and with
+its residual branches drawn too) through the same kNN and probe; per loss mean ± std over seeds and
+PEIRA − each baseline as paired differences with a 95% t interval. Writes results_SPLIT.json,
+knn_by_epoch_SPLIT.png, objective_vs_knn_SPLIT.png, alignment_by_epoch_SPLIT.png and, with --tune,
+lam_sweep.png.
 --compare-augment trains PEIRA (λ 0.1) on the test split with both of train_cifar.py's pipelines
-(--augment batched, per-image) on the same seeds and prints the paired differences.
+(--augment batched, per-image) on the same seeds and prints the paired differences. --trial runs one
+configuration outside TRIALS on the validation split (never a candidate) and prints its row beside
+the references; its evaluation stays in its run's folder (results_validation.json is the trials').
 
 Digits: the UCI handwritten digits that scikit-learn ships (1797 scans of 8×8 pixels; E. Alpaydin and
 C. Kaynak, "Optical Recognition of Handwritten Digits", UCI Machine Learning Repository, 1998),
@@ -50,20 +53,22 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
 parser.add_argument("--dataset", default="cifar10", choices=["cifar10", "digits"])
 parser.add_argument("--data", default="./data", help="CIFAR-10 (train_cifar.py --data); unused for digits")
 parser.add_argument("--out", help="output folder (default out/bench_DATASET)")
-parser.add_argument("--tune", action="store_true", help="run every loss's trials on the validation split")
-parser.add_argument("--seeds", help="comma-separated training seeds (default: 0,1,2 on the test split, 0 for "
-                                   "--tune and --trial)")
-parser.add_argument("--losses", default="peira,simsiam,vicreg", help="comma-separated losses to compare")
+mode = parser.add_mutually_exclusive_group()
+mode.add_argument("--tune", action="store_true",
+                  help="run every loss's trials on the validation split (seed 0)")
+parser.add_argument("--seeds", help="comma-separated training seeds: the test split's (default 0,1,2) or "
+                                   "--trial's (default 0); --tune chooses on seed 0")
+parser.add_argument("--losses", help="comma-separated losses to compare (default: peira,simsiam,vicreg)")
 parser.add_argument("--train-size", type=int, help="training images (default: SETTING's)")
 parser.add_argument("--epochs", type=int, help="epochs per run (default: SETTING's)")
 parser.add_argument("--bf16", action=argparse.BooleanOptionalAction,
                     help="bf16 autocast (default: SETTING's)")
 parser.add_argument("--probe-epochs", type=int, default=100, help="offline linear probe epochs")
-parser.add_argument("--trial", metavar="JSON",
+mode.add_argument("--trial", metavar="JSON",
                     help='one configuration outside the trials, on the validation split (never a candidate), '
                          'e.g. \'{"loss": "vicreg", "lr": 3.0, "proj": "128-128-64"}\': train_cifar.py flags '
                          'over SETTING; its row beside the references')
-parser.add_argument("--compare-augment", action="store_true",
+mode.add_argument("--compare-augment", action="store_true",
                     help="test split: PEIRA (λ 0.1) with train_cifar's batched views and with torchvision's "
                          "per-image pipeline, same seeds: does the pipeline change accuracy?")
 
@@ -71,7 +76,7 @@ parser.add_argument("--compare-augment", action="store_true",
 # bf16: autocast in training and evaluation, about 2× faster on CPUs with AVX-512 BF16 or AMX, slower
 # without them (--no-bf16). CIFAR-10's projector: 4× the representation (128 at width 16) in every layer,
 # as solo-learn's CIFAR configs give VICReg and SimSiam on ResNet-18 (2048 on its 512); SimSiam's predictor
-# is then 512-128-512, its k-k/4-k
+# is then 512-128-512, its k-k/4-k. The digits keep 128-128-64, the setting their λ runs were measured at
 SETTING = {"cifar10": dict(train_size=10000, val_size=2000, epochs=10, width=16, proj="512-512-512",
                            batch=128, bf16=True),
            "digits": dict(train_size=1197, val_size=300, epochs=20, width=16, proj="128-128-64", batch=128,
@@ -185,6 +190,21 @@ def lam_sweep_runs():
     return [{"lam": lam, "lr": LAM_SWEEP_LR} for lam in LAM_SWEEP]
 
 
+def parse_trial(text):
+    """--trial's JSON: (loss, its train_cifar.py flags), or ValueError saying what is wrong. The
+    benchmark's own settings (seed, output, data, subset, and what never changes a run) are refused."""
+    try:
+        trial = json.loads(text)
+    except ValueError:
+        raise ValueError(f"--trial takes a JSON object (got {text!r})") from None
+    if not isinstance(trial, dict) or not isinstance(trial.get("loss"), str) or trial["loss"] not in TRIALS:
+        raise ValueError(f"--trial needs a \"loss\" from {', '.join(TRIALS)} (got {text!r})")
+    own = sorted(({"seed", "subset"} | train_cifar.NOT_RUN_KEYS) & set(trial))
+    if own:
+        raise ValueError(f"--trial: {', '.join(own)} are set by the benchmark")
+    return trial.pop("loss"), trial
+
+
 def trial_name(loss, trial):
     return "-".join([loss] + [f"{k}{v}" for k, v in sorted(trial.items())])
 
@@ -196,7 +216,7 @@ def run_argv(data, out, loss, trial, seed, setting):
             "--bf16" if setting["bf16"] else "--no-bf16"]
     for key, value in trial.items():
         if key == "lr_per_256":  # SimSiam's SGD learning rate scales with the batch
-            key, value = "lr", value * setting["batch"] / 256
+            key, value = "lr", value * trial.get("batch_size", setting["batch"]) / 256
         flag = "--" + key.replace("_", "-")
         argv += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
     return argv
@@ -271,14 +291,18 @@ def backbone_evaluation(backbone, splits, probe_epochs, bf16):
 
 
 def references(splits, setting, probe_epochs, seed=0):
-    """The scale: raw normalised pixels, and the network at initialisation, through evaluate()."""
+    """The scale, through evaluate(): raw normalised pixels; the network at initialisation, as
+    training starts from it (each residual block its shortcut, --zero-init-residual) and with its
+    residual branches drawn at random as well (a random ResNet-18: the stronger of the two)."""
     train_x, train_y, test_x, test_y = splits
     pixels = [train_cifar.normalize_clean(x, torch.device("cpu")).flatten(1) for x in (train_x, test_x)]
-    torch.manual_seed(seed)
-    proj = [int(d) for d in setting["proj"].split("-")]
-    backbone = train_cifar.SSLModel("peira", setting["width"], proj).backbone
-    return {"raw pixels": evaluate(pixels[0], train_y, pixels[1], test_y, probe_epochs),
-            "network at initialisation": backbone_evaluation(backbone, splits, probe_epochs, setting["bf16"])}
+    refs = {"raw pixels": evaluate(pixels[0], train_y, pixels[1], test_y, probe_epochs)}
+    for name, zero_init in (("network at initialisation", True),
+                            ("network at initialisation, residual branches drawn", False)):
+        torch.manual_seed(seed)
+        backbone = train_cifar.ResNet18(setting["width"], zero_init)
+        refs[name] = backbone_evaluation(backbone, splits, probe_epochs, setting["bf16"])
+    return refs
 
 
 def summary(history, evaluation):
@@ -410,24 +434,23 @@ def main(argv=None):
     setting = dict(SETTING[args.dataset])
     setting.update({k: getattr(args, k) for k in ("train_size", "epochs", "bf16")
                     if getattr(args, k) is not None})
-    losses = [x for x in args.losses.split(",") if x]
+    losses = [x for x in (args.losses or "peira,simsiam,vicreg").split(",") if x]
     try:
-        default = "0" if args.tune or args.trial else "0,1,2"
-        seeds = [int(s) for s in (args.seeds or default).split(",")]
+        seeds = [int(s) for s in (args.seeds or ("0" if args.trial else "0,1,2")).split(",")]
     except ValueError:
         parser.error(f"--seeds takes comma-separated integers (got {args.seeds!r})")
     if any(x not in TRIALS for x in losses) or setting["epochs"] < 2:
         parser.error(f"--losses from {', '.join(TRIALS)} (got {args.losses!r}); --epochs ≥ 2")
-    extra = {}
+    if args.tune and args.seeds:
+        parser.error("--seeds: --tune runs the trials with seed 0 and chooses on it")
+    seeds = [0] if args.tune else seeds
     if args.trial:
+        if args.losses:
+            parser.error("--losses: --trial names its loss in its JSON")
         try:
-            extra = json.loads(args.trial)
-            assert isinstance(extra, dict) and extra.pop("loss", None) in TRIALS
-            assert not {"seed", "out", "data"} & set(extra)  # the benchmark's own
-        except (ValueError, AssertionError):
-            parser.error(f"--trial takes a JSON object with a loss from {', '.join(TRIALS)} and "
-                         f"train_cifar.py flags other than seed, out, data (got {args.trial!r})")
-        losses = [json.loads(args.trial)["loss"]]
+            trial_loss, trial = parse_trial(args.trial)
+        except ValueError as e:
+            parser.error(str(e))
     split = "validation" if args.tune or args.trial else "test"
     os.makedirs(args.out, exist_ok=True)
     data = build_split(args, setting, split)
@@ -437,7 +460,7 @@ def main(argv=None):
         if "peira" in losses:  # the λ sweep's figure: its runs that are not trials
             plan += [("peira", t) for t in lam_sweep_runs() if t not in TRIALS["peira"]]
     elif args.trial:
-        plan = [(losses[0], extra)]
+        plan = [(trial_loss, trial)]
     elif args.compare_augment:
         plan = [("peira", {"lam": 0.1, "augment": pipeline}) for pipeline in ("batched", "per-image")]
     else:

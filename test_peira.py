@@ -1009,9 +1009,15 @@ def test_resume_rules():
     changes = tc.check_resume(saved, {**saved, "epochs": 20}, ["epochs"])
     assert changes == ["epochs changed from 10 to 20 (--allow-change)"]
     # a setting added since the checkpoint was written reads as its value then (ADDED_SETTINGS)
-    assert tc.check_resume(saved, {**saved, "fix_pred_lr": False}, []) == []
+    before = {"fix_pred_lr": False, "zero_init_residual": False, "pred_hidden": None}
+    assert tc.check_resume(saved, {**saved, **before}, []) == []
     with pytest.raises(SystemExit, match="fix_pred_lr: checkpoint False, now True"):
         tc.check_resume(saved, {**saved, "fix_pred_lr": True}, [])
+    with pytest.raises(SystemExit, match="zero_init_residual: checkpoint False, now True"):
+        tc.check_resume(saved, {**saved, **before, "zero_init_residual": True}, [])
+    assert ti.check_resume(saved, {**saved, "zero_init_residual": False}, []) == []
+    with pytest.raises(SystemExit, match="zero_init_residual: checkpoint False, now True"):
+        ti.check_resume(saved, {**saved, "zero_init_residual": True}, [])
 
 
 # -----------------------------------------------------------------------------
@@ -1097,19 +1103,28 @@ def test_fix_pred_lr_keeps_the_predictor_at_the_peak_learning_rate(fake_cifar, t
                            "--warmup-epochs", "0", "--resume", "--allow-change", "fix_pred_lr,epochs"))
 
 
-def test_pred_hidden_sets_simsiam_predictor_width_through_resume_and_eval(fake_cifar, tmp_path):
-    """--pred-hidden: the predictor k-h-k is saved with its width, --eval rebuilds it from the
-    checkpoint's configuration, a resume with another width is refused even if allowed."""
-    tc.main(cifar_args(fake_cifar, tmp_path, "--loss", "simsiam", "--pred-hidden", "24", "--epochs", "1"))
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert ckpt["model"]["predictor.0.weight"].shape == (24, 64)  # k 64 (--tiny): the default is 16
-    res = tc.main(["--data", fake_cifar, "--eval", str(tmp_path / "ckpt.pt"), "--probe-epochs", "1"])
-    assert res["epoch"] == 1
+def test_pred_hidden_sets_simsiam_predictor_width_through_resume_and_eval(fake_cifar, tmp_path, capsys):
+    """--pred-hidden: a resume may name the width the checkpoint has (k/4 by default) but no other,
+    even if allowed; the width is saved, and --eval and bench_images rebuild it from the checkpoint's
+    configuration; refused for a loss without a predictor."""
+    default = cifar_args(fake_cifar, tmp_path / "default", "--loss", "simsiam")
+    tc.main(default + ["--epochs", "1"])
+    allow = ["--resume", "--allow-change", "pred_hidden,epochs"]
+    history = tc.main(default + ["--pred-hidden", "16", "--epochs", "2"] + allow)  # k 64 (--tiny): k/4 = 16
+    assert [r["epoch"] for r in history] == [1, 2]
     with pytest.raises(SystemExit, match="another --pred-hidden"):
-        tc.main(cifar_args(fake_cifar, tmp_path, "--loss", "simsiam", "--epochs", "2", "--resume",
-                           "--allow-change", "pred_hidden,epochs"))
-    with pytest.raises(SystemExit):  # argparse's error: "--pred-hidden: --loss vicreg has no predictor"
+        tc.main(default + ["--pred-hidden", "24", "--epochs", "3"] + allow)
+    wide = tmp_path / "wide"
+    tc.main(cifar_args(fake_cifar, wide, "--loss", "simsiam", "--pred-hidden", "24", "--epochs", "1"))
+    assert torch.load(wide / "ckpt.pt", weights_only=True)["model"]["predictor.0.weight"].shape == (24, 64)
+    evaluation = tc.main(["--data", fake_cifar, "--eval", str(wide / "ckpt.pt"), "--probe-epochs", "1"])
+    assert evaluation["epoch"] == 1
+    evaluation = bench_images.evaluate_run(str(wide), tc.load_splits(fake_cifar, 128), 1)
+    assert evaluation["config"]["pred_hidden"] == 24
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
         tc.main(cifar_args(fake_cifar, tmp_path / "vicreg", "--loss", "vicreg", "--pred-hidden", "8"))
+    assert "--pred-hidden: --loss vicreg has no predictor" in capsys.readouterr().err
 
 
 def test_simsiam_loss_keeps_float32_precision_under_bf16_autocast():
@@ -1130,9 +1145,12 @@ def test_simsiam_loss_keeps_float32_precision_under_bf16_autocast():
 
 
 def test_zero_init_residual_starts_each_block_as_its_shortcut():
-    """--zero-init-residual (the default): each ResNet-18 block maps h to relu(shortcut(h)) at
-    initialisation, and the ResNet-50's last batch norm of each block is 0; without it the residual
-    branch contributes."""
+    """--zero-init-residual (the default of both scripts and models): each ResNet-18 block maps h to
+    relu(shortcut(h)) at initialisation, and the ResNet-50's last batch norm of each block is 0;
+    without it the residual branch contributes."""
+    assert tc.parser.get_default("zero_init_residual") is True is ti.parser.get_default("zero_init_residual")
+    assert (tc.SSLModel("peira", 4, [8, 8]).backbone.blocks[0].bn2.weight == 0).all()
+    assert all((m.bn3.weight == 0).all() for m in ti.SSLModel("peira", [8, 8]).modules() if hasattr(m, "bn3"))
     for zero in (True, False):
         net, h = tc.ResNet18(4, zero), torch.randn(2, 3, 16, 16)
         h = net.stem(h)
@@ -1258,12 +1276,29 @@ def test_image_benchmark_statistics_and_trials(capsys):
         trial = {"lr_per_256": 0.24, "fix_pred_lr": flag}
         argv = bench_images.run_argv("d", "o", "simsiam", trial, 0, setting)
         assert tc.parse_args(argv).fix_pred_lr is flag
-    # --trial: its flags override SETTING's; the benchmark's own settings and a missing loss are refused
+    argv = bench_images.run_argv("d", "o", "simsiam", {"lr_per_256": 0.24, "batch_size": 64}, 0, setting)
+    assert float(argv[argv.index("--lr") + 1]) == 0.24 * 64 / 256  # the trial's batch, not SETTING's
+
+
+def test_image_benchmark_trial_flag(capsys):
+    """--trial: a loss and train_cifar.py flags, which override SETTING's; the benchmark's own settings,
+    a missing loss and bad JSON are refused with what is wrong, as are --tune or --losses beside it."""
+    assert bench_images.parse_trial('{"loss": "vicreg", "lr": 3.0, "proj": "128-128-64"}') == (
+        "vicreg", {"lr": 3.0, "proj": "128-128-64"})
+    setting = bench_images.SETTING["cifar10"]
     argv = bench_images.run_argv("d", "o", "vicreg", {"proj": "128-128-64"}, 0, setting)
     assert setting["proj"] != "128-128-64" and tc.parse_args(argv).proj == "128-128-64"
-    for bad in ('{"lr": 3.0}', '{"loss": "vicreg", "seed": 1}', '[1]', '{"loss": "vicreg"'):
+    for bad, message in (('{"lr": 3.0}', "needs a \"loss\""), ('{"loss": ["vicreg"]}', "needs a \"loss\""),
+                         ('[1]', "needs a \"loss\""), ('{"loss": "vicreg"', "takes a JSON object"),
+                         ('{"loss": "vicreg", "seed": 1, "resume": true}', "resume, seed are set by the")):
+        with pytest.raises(ValueError, match=message):
+            bench_images.parse_trial(bad)
+    for argv, message in (([], "set by the benchmark"), (["--tune"], "not allowed with argument"),
+                          (["--losses", "peira"], "--trial names its loss")):
+        capsys.readouterr()
         with pytest.raises(SystemExit):
-            bench_images.main(["--trial", bad, "--out", "unused"])
+            bench_images.main(["--trial", '{"loss": "peira", "out": "x"}', "--out", "unused", *argv])
+        assert message in capsys.readouterr().err
     # the λ sweep's extra runs are drawn, never chosen: PEIRA's choice has as many candidates as the others'
     sweep = bench_images.lam_sweep_runs()
     assert [t["lam"] for t in sweep] == list(bench_images.LAM_SWEEP)

@@ -171,8 +171,8 @@ def vicreg_loss(z1, z2, world):
 
 def simsiam_loss(z1, z2, p1, p2):
     """SimSiam (Chen & He, CVPR 2021): symmetric negative cosine, stop-gradient on the targets. In
-    float32: under bf16 autocast the cosines' 8-bit mantissa rounds away the small differences
-    between the views that the gradient lives on."""
+    float32: CPU bf16 autocast keeps cosine_similarity in bf16 (CUDA's casts it to float32), whose
+    8-bit mantissa rounds away the small differences between the views that the gradient lives on."""
     z1, z2, p1, p2 = z1.float(), z2.float(), p1.float(), p2.float()
     return -0.5 * (F.cosine_similarity(p1, z2.detach()).mean() + F.cosine_similarity(p2, z1.detach()).mean())
 
@@ -1200,11 +1200,11 @@ def main(argv=None):
         if ckpt is None:
             sys.exit(f"--resume: no checkpoint at {ckpt_path}")
         changes = check_resume(ckpt["config"], config, args.allow_change.split(","))
-        saved = with_added_settings(ckpt["config"], config)
-        for key, why in (("fix_pred_lr", "it regroups the optimiser's saved state"),
-                         ("pred_hidden", "the saved predictor has another shape")):
-            if saved[key] != config[key]:  # even if allowed
-                sys.exit(f"cannot resume with another --{key.replace('_', '-')}: {why}")
+        saved = with_added_settings(ckpt["config"], config)  # even if allowed:
+        if saved["fix_pred_lr"] != args.fix_pred_lr:
+            sys.exit("cannot resume with another --fix-pred-lr: it regroups the optimiser's saved state")
+        if (saved["pred_hidden"] or proj[-1] // 4) != (args.pred_hidden or proj[-1] // 4):
+            sys.exit("cannot resume with another --pred-hidden: the saved predictor has another shape")
     if master:
         prepare_out(args, config, ckpt, metrics_path)
 

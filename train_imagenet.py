@@ -145,8 +145,8 @@ def vicreg_loss(z1, z2, world):
 
 def simsiam_loss(z1, z2, p1, p2):
     """SimSiam (Chen & He, CVPR 2021): symmetric negative cosine, stop-gradient on the targets. In
-    float32: under bf16 autocast the cosines' 8-bit mantissa rounds away the small differences
-    between the views that the gradient lives on."""
+    float32: CPU bf16 autocast keeps cosine_similarity in bf16 (CUDA's casts it to float32), whose
+    8-bit mantissa rounds away the small differences between the views that the gradient lives on."""
     z1, z2, p1, p2 = z1.float(), z2.float(), p1.float(), p2.float()
     return -0.5 * (F.cosine_similarity(p1, z2.detach()).mean() + F.cosine_similarity(p2, z1.detach()).mean())
 
