@@ -294,7 +294,7 @@ def backbone_evaluation(backbone, splits, probe_epochs, bf16):
 def references(splits, setting, probe_epochs, seed=0):
     """The scale, through evaluate(): raw normalised pixels; the network at initialisation, as
     training starts from it (each residual block its shortcut, --zero-init-residual) and with its
-    residual branches drawn at random as well (a random ResNet-18: the stronger of the two)."""
+    residual branches drawn at random as well (a random ResNet-18)."""
     train_x, train_y, test_x, test_y = splits
     pixels = [train_cifar.normalize_clean(x, torch.device("cpu")).flatten(1) for x in (train_x, test_x)]
     refs = {"raw pixels": evaluate(pixels[0], train_y, pixels[1], test_y, probe_epochs)}
