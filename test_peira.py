@@ -2083,8 +2083,9 @@ def test_plan_rows_are_the_same_planned_alone_or_with_others(tiny_two_rooms, tmp
 
 def test_plan_summary_of_separate_runs_equals_the_summary_of_one_run(tiny_two_rooms, tmp_path, monkeypatch,
                                                                       capsys):
-    """Every row of plan.py's table draws from its own random generator, so the seed summary of two
-    runs' plan.json (--summary) is that of one run planning both; a later file's row replaces a
+    """Every row of plan.py's table (one per model checkpoint) draws from its own random generator,
+    seeded from --seed and the row's name, so the summary over training seeds that --summary builds
+    from two runs' plan.json files equals the one from a single run that plans both; a later file's row replaces a
     same-named one; runs with other planner settings are refused."""
     monkeypatch.setattr(tr, "MAX_STEPS", 25)
     monkeypatch.setattr(plan, "distance_maps", lambda *args: None)
