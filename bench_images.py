@@ -101,6 +101,9 @@ TRIALS = {
 # as many trials as the others')
 LAM_SWEEP, LAM_SWEEP_LR = (0.03, 0.1, 0.3, 0.7), 1.0
 KNN_SETTINGS = {"knn_k20": (20, 0.07), "knn_k200": (200, 0.1)}
+# the runs' view correlations (train_cifar.py --view-corr-every): before training, after epoch 1, every 5
+# epochs and after the last; each costs about a third of a training epoch, and the tables read the last
+VIEW_CORR_EVERY = 5
 
 
 # -----------------------------------------------------------------------------
@@ -214,7 +217,7 @@ def run_argv(data, out, loss, trial, seed, setting):
     argv = ["--tiny", "--subset", "0", "--workers", "0", "--data", data, "--out", out, "--loss", loss,
             "--seed", str(seed), "--epochs", str(setting["epochs"]), "--width", str(setting["width"]),
             "--proj", setting["proj"], "--batch-size", str(setting["batch"]),
-            "--bf16" if setting["bf16"] else "--no-bf16"]
+            "--bf16" if setting["bf16"] else "--no-bf16", "--view-corr-every", str(VIEW_CORR_EVERY)]
     for key, value in trial.items():
         if key == "lr_per_256":  # SimSiam's SGD learning rate scales with the batch
             key, value = "lr", value * trial.get("batch_size", setting["batch"]) / 256
@@ -225,7 +228,8 @@ def run_argv(data, out, loss, trial, seed, setting):
 
 def train_run(argv):
     """One train_cifar.py run; its per-epoch records. A finished run (results.json, every epoch in
-    metrics.jsonl, the same settings) is read back instead of trained again; anything else in its
+    metrics.jsonl, the same settings but those that never change a run, train_cifar.NOT_RUN_KEYS) is read
+    back instead of trained again; anything else in its
     folder is cleared first, so that an interrupted run is never taken for a finished one."""
     out = argv[argv.index("--out") + 1]
     now = train_cifar.parse_args(argv)
@@ -236,7 +240,8 @@ def train_run(argv):
             saved = json.load(fh)
         history = [r for r in train_cifar.metrics_records(os.path.join(out, "metrics.jsonl")) if "knn" in r]
         saved = train_cifar.with_added_settings(saved, vars(now))
-        if all(saved.get(k) == v for k, v in vars(now).items()) and len(history) == now.epochs:
+        same = all(saved.get(k) == v for k, v in vars(now).items() if k not in train_cifar.NOT_RUN_KEYS)
+        if same and len(history) == now.epochs:
             return history
     for name in ("results.json", "evaluation.json"):
         if os.path.exists(os.path.join(out, name)):
@@ -304,6 +309,15 @@ def references(splits, setting, probe_epochs, seed=0):
         backbone = train_cifar.ResNet18(setting["width"], zero_init)
         refs[name] = backbone_evaluation(backbone, splits, probe_epochs, setting["bf16"])
     return refs
+
+
+def initial_views(splits, setting, seed=0):
+    """train_cifar.view_correlations of the untrained network (seed `seed`) on the training images, as
+    train_cifar.py reads them before its first step: the spectrum λ is chosen against (lam_max)."""
+    torch.manual_seed(seed)
+    model = train_cifar.SSLModel("peira", setting["width"], [int(d) for d in setting["proj"].split("-")])
+    return train_cifar.view_correlations(model, splits[0], 0.0, seed, -1, torch.device("cpu"), 0, 1,
+                                         setting["bf16"])
 
 
 def summary(history, evaluation):
@@ -402,9 +416,10 @@ def plot(histories, groups, split, out):
         plt.close(fig)
 
 
-def plot_lam_sweep(rows, out):
+def plot_lam_sweep(rows, initial, out):
     """Linear probe, kNN, effective rank of N and the directions seen at the last epoch against λ
-    (validation split), with λ = √(null level): below it, λ² switches off no direction the sample sees."""
+    (validation split), with the untrained network's lam_max: above it λ switches off more than half of
+    the directions its views show (README, Choosing λ)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -412,8 +427,8 @@ def plot_lam_sweep(rows, out):
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     ax.plot(LAM_SWEEP, [100 * r["linear_probe"] for r in rows], marker="o", label="linear probe (%)")
     ax.plot(LAM_SWEEP, [100 * r["knn_k20"] for r in rows], marker="s", label="kNN k20 (%)")
-    null = float(np.nanmedian([r["null_level"] for r in rows]))
-    ax.axvline(math.sqrt(null), color="grey", ls="--", lw=1, label=f"λ² = null level ({null:.2f})")
+    ax.axvline(initial["lam_max"], color="grey", ls="--", lw=1,
+               label=f"lam_max at initialisation ({initial['lam_max']:.2f})")
     ax.set(xscale="log", xlabel="λ", ylabel="validation accuracy (%)")
     ax.set_xticks(LAM_SWEEP, [str(lam) for lam in LAM_SWEEP])
     ax.xaxis.set_minor_formatter(NullFormatter())
@@ -489,11 +504,15 @@ def main(argv=None):
             evaluation = evaluate_run(out, splits, args.probe_epochs)
             groups.setdefault(label, []).append(summary(history, evaluation))
     refs = references(splits, setting, args.probe_epochs)
+    initial = initial_views(splits, setting)
 
     # choice (validation), table, differences, figures
     print(f"\n{args.dataset}, {split} split, {setting}, seeds {seeds}, {time.time() - t0:.0f} s")
     print_table(groups, refs)
-    result = {"split": split, "setting": setting, "seeds": seeds, "references": refs, "runs": groups}
+    print(f"untrained network's views (seed 0): directions seen {initial['signal_dims']} above the null "
+          f"level {initial['null_level']:.2f}; λ below {initial['lam_max']:.2f} keeps half of them")
+    result = {"split": split, "setting": setting, "seeds": seeds, "references": refs,
+              "initial_views": initial, "runs": groups}
     if args.tune:  # each loss's best trial, merged into tuned.json (kept only for the same setting)
         tuned = {"setting": setting, "choice": {}}
         if os.path.exists(tuned_path):
@@ -509,7 +528,7 @@ def main(argv=None):
         with open(tuned_path, "w") as fh:
             json.dump(tuned, fh, indent=1)
         if "peira" in losses:
-            plot_lam_sweep([groups[trial_name("peira", t)][0] for t in lam_sweep_runs()], args.out)
+            plot_lam_sweep([groups[trial_name("peira", t)][0] for t in lam_sweep_runs()], initial, args.out)
         result["tuned"] = tuned
     elif args.trial:
         return result  # its evaluation stays in its run's folder; results_validation.json is the trials'

@@ -444,6 +444,19 @@ def test_canonical_correlations_separate_signal_from_their_null(seed):
     assert (small > 0.3).sum() > 10
 
 
+def test_lam_keeping_is_the_largest_lam_that_keeps_the_share():
+    """Brute force over a λ grid (step 1e-4): the largest λ at which PEIRA's rule s > λ² keeps at least
+    the share of the correlations sits just below lam_keeping, for several spectra and shares."""
+    g = torch.Generator().manual_seed(0)
+    grid = torch.arange(0, 1 + 1e-9, 1e-4, dtype=F64)
+    for n in (1, 2, 5, 28):
+        corr = torch.rand(n, generator=g, dtype=F64).sort(descending=True).values
+        for share in (0.25, 0.5, 1.0):
+            keeps = (corr[None] > grid[:, None] ** 2).sum(1) >= share * n
+            assert 0 < tc.lam_keeping(corr, share) - grid[keeps].max() <= 1e-4
+    assert math.isnan(tc.lam_keeping(torch.zeros(0, dtype=F64), 0.5))
+
+
 def test_view_correlations_of_collapsed_embeddings_read_no_direction():
     """A projector that maps every image to one point (PEIRA at a λ above every correlation can end
     there): train_cifar's per-epoch diagnostic reports no direction instead of failing."""
@@ -1163,11 +1176,59 @@ def test_zero_init_residual_starts_each_block_as_its_shortcut():
 
 def test_train_cifar_warns_when_lam_switches_directions_off(fake_cifar, tmp_path, capsys):
     """λ² above every canonical correlation (≤ 1): PEIRA keeps none of the directions the training
-    images show above their null (the class tints give some), and says so."""
+    images show above their null (the class tints give some), and says so, before its first step (the
+    untrained network's views: the record of epoch 0, which bench_images.initial_views reproduces) and
+    after the epoch."""
     history = tc.main(cifar_args(fake_cifar, tmp_path, "--lam", "1.5", "--epochs", "1", "--subset", "640"))
+    initial = read_jsonl(tmp_path / "metrics.jsonl")[0]
     last = history[-1]
-    assert last["kept_dims"] == 0 and last["signal_dims"] >= 1 and 0 < last["null_level"] < 1
-    assert f"warning: λ 1.5 keeps 0 of the {last['signal_dims']} directions" in capsys.readouterr().out
+    for stats in (initial, last):
+        assert stats["kept_dims"] == 0 and stats["signal_dims"] >= 1 and 0 < stats["null_level"] < 1
+        assert 0 < stats["lam_max"] <= 1
+    out = capsys.readouterr().out
+    assert out.count(f"warning: λ 1.5 keeps 0 of the {initial['signal_dims']} directions the untrained") == 1
+    assert f"warning: λ 1.5 keeps 0 of the {last['signal_dims']} directions the training images" in out
+    with open(tmp_path / "config.json") as fh:
+        config = json.load(fh)
+    setting = {k: config[k] for k in ("width", "proj", "bf16")}
+    reproduced = bench_images.initial_views(tc.load_splits(fake_cifar, 640), setting)
+    assert {**reproduced, "kept_dims": 0} == {k: v for k, v in initial.items() if k != "epoch"}
+    # a λ below the untrained network's lam_max keeps at least half of what it sees, and does not warn
+    tc.main(cifar_args(fake_cifar, tmp_path / "small", "--lam", f"{0.99 * initial['lam_max']:.4f}",
+                       "--epochs", "1", "--subset", "640"))
+    small = read_jsonl(tmp_path / "small" / "metrics.jsonl")[0]
+    assert small["kept_dims"] >= tc.KEPT_WARN * small["signal_dims"] and small["signal_dims"] >= 1
+    assert "untrained" not in capsys.readouterr().out
+
+
+def test_view_corr_every_thins_the_diagnostic_and_leaves_the_run_alone(fake_cifar, tmp_path):
+    """--view-corr-every 3 over 4 epochs: the view correlations before training and after epochs 1, 3
+    and 4 only; every other number of the run, and its weights, as with the diagnostic every epoch (it
+    draws from its own generators), so that a resume or bench_images may change it."""
+    runs = {}
+    for every in (1, 3):
+        out = tmp_path / str(every)
+        history = tc.main(cifar_args(fake_cifar, out, "--epochs", "4", "--view-corr-every", str(every)))
+        runs[every] = history, torch.load(out / "ckpt.pt", weights_only=True)["model"]
+    assert [("signal_dims" in r) for r in runs[3][0]] == [True, False, True, True]
+    assert all("signal_dims" in r for r in runs[1][0])
+    for dense, sparse in zip(*(h for h, _ in runs.values())):
+        assert {k: v for k, v in sparse.items() if k != "epoch_time" and k != "img_per_s"} == \
+            {k: v for k, v in dense.items() if k in sparse and k not in ("epoch_time", "img_per_s")}
+    assert all(torch.equal(runs[1][1][k], runs[3][1][k]) for k in runs[1][1])
+    assert "view_corr_every" in tc.NOT_RUN_KEYS
+
+
+def test_image_benchmark_reuses_a_run_whatever_its_not_run_keys(fake_cifar, tmp_path, capsys):
+    """bench_images.train_run reads a finished run back when only settings that never change a run
+    differ (here --view-corr-every and --workers), and trains again when one that does (λ) differs."""
+    argv = cifar_args(fake_cifar, tmp_path, "--epochs", "1")
+    first = bench_images.train_run(argv)
+    assert "== train_cifar.py" in capsys.readouterr().out
+    again = bench_images.train_run([*argv, "--workers", "1", "--view-corr-every", "5"])
+    assert again == first and "== train_cifar.py" not in capsys.readouterr().out
+    bench_images.train_run([*argv, "--lam", "0.2"])
+    assert "== train_cifar.py" in capsys.readouterr().out
 
 
 def test_online_probe_learns_a_separable_problem_within_one_tiny_epoch():

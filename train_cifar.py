@@ -85,6 +85,10 @@ parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=tor
                     help="bf16 autocast in training and in the per-epoch evaluation's forward passes "
                          "(moments and solves stay in float32)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+parser.add_argument("--view-corr-every", type=int, default=1, metavar="E",
+                    help="canonical correlations of two views of the training images (view_correlations: "
+                         "about a third of a training epoch's compute) before training, after epoch 1, every "
+                         "E epochs and after the last")
 parser.add_argument("--tiny", action="store_true",
                     help="CPU preset: width 16, proj 128-128-64, 1024 images, 3 epochs, λ 0.1")
 parser.add_argument("--resume", action="store_true",
@@ -372,7 +376,7 @@ def check_replicas(tensors, world, what):
 
 # the settings that do not change a run: everything else must match the checkpoint's to resume
 NOT_RUN_KEYS = {"data", "out", "workers", "resume", "stop_after", "eval", "probe_epochs", "probe_lr",
-                "probe_batch", "compile", "allow_change", "tiny"}
+                "probe_batch", "compile", "allow_change", "tiny", "view_corr_every"}
 CHECKPOINT_KEYS = ("model", "probe", "peira", "opt", "probe_opt", "epoch", "config")
 
 
@@ -898,14 +902,19 @@ class ResNet18(nn.Module):
         return F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1)
 
 
+def predictor_width(pred_hidden, k):
+    """SimSiam's predictor hidden width: --pred-hidden, by default a bottleneck of a quarter of the
+    embedding's k (2048-512-2048)."""
+    return pred_hidden or k // 4
+
+
 class SSLModel(nn.Module):
     def __init__(self, loss, width, proj, pred_hidden=None, zero_init_residual=True):
         super().__init__()
         self.backbone = ResNet18(width, zero_init_residual)
         dims = [self.backbone.dim] + proj
         self.projector = mlp(dims, last_bn=loss == "simsiam")
-        # SimSiam's predictor: by default a bottleneck of a quarter of the embedding (2048-512-2048)
-        hidden = pred_hidden or dims[-1] // 4
+        hidden = predictor_width(pred_hidden, dims[-1])
         self.predictor = mlp([dims[-1], hidden, dims[-1]], False) if loss == "simsiam" else None
 
     def forward(self, x1, x2):
@@ -989,8 +998,9 @@ def view_correlations(model, images, lam, seed, epoch, device, rank, world, bf16
     max(VIEW_CORR_IMAGES, 64 k) training images (a sample large against k, unlike a batch or the running
     moments) against their null, the same pairs shuffled across images
     (peira.canonical_correlations_with_null): the level at which the sample sees a direction; how many
-    directions pass it, and how many of those PEIRA keeps (s > λ²). Under bf16 the rounding noise,
-    independent between the views, lowers both the correlations and their null a little."""
+    directions pass it, how many of those PEIRA keeps (s > λ²), and lam_max, the λ below which it keeps at
+    least KEPT_WARN of them. Under bf16 the rounding noise, independent between the views, lowers both the
+    correlations and their null a little."""
     gen = torch.Generator(device=device).manual_seed((seed * 1_000_003 + epoch) * 100_003 + 99_991)
     embed = nn.Sequential(model.backbone, model.projector)
     k = next(m.out_features for m in reversed(model.projector) if isinstance(m, nn.Linear))
@@ -1000,9 +1010,17 @@ def view_correlations(model, images, lam, seed, epoch, device, rank, world, bf16
     shuffle = torch.Generator(device=device).manual_seed(seed * 100_003 + epoch)
     corr, null = peira.canonical_correlations_with_null(u, v, shuffle)
     if len(corr) == 0:  # the embeddings collapsed to one point: no direction left to correlate
-        return {"null_level": math.nan, "signal_dims": 0, "kept_dims": 0, "corr_top": 0.0}
-    return {"null_level": null[0].item(), "signal_dims": int((corr > null[0]).sum()),
-            "kept_dims": int((corr > max(null[0].item(), lam ** 2)).sum()), "corr_top": corr[0].item()}
+        return {"null_level": math.nan, "signal_dims": 0, "kept_dims": 0, "corr_top": 0.0,
+                "lam_max": math.nan}
+    seen = corr[corr > null[0]]
+    return {"null_level": null[0].item(), "signal_dims": len(seen), "kept_dims": int((seen > lam ** 2).sum()),
+            "corr_top": corr[0].item(), "lam_max": lam_keeping(seen, KEPT_WARN)}
+
+
+def lam_keeping(corr, share):
+    """The λ below which PEIRA keeps (s > λ²) at least `share` of the canonical correlations `corr`
+    (descending): the square root of the ⌈share · len⌉-th largest; nan when corr is empty."""
+    return corr[math.ceil(share * len(corr)) - 1].sqrt().item() if len(corr) else math.nan
 
 
 def sgd_passes(classifier, opt, feats, labels, passes, gen, batch, sched=None, desc=None):
@@ -1174,6 +1192,8 @@ def check_args(args):
             problems.append(f"{flag}: --loss {args.loss} has no predictor")
     if args.pred_hidden is not None and args.pred_hidden < 1:
         problems.append(f"--pred-hidden must be ≥ 1 (got {args.pred_hidden})")
+    if args.view_corr_every < 1:
+        problems.append(f"--view-corr-every must be ≥ 1 (got {args.view_corr_every})")
     if problems:
         parser.error("; ".join(problems))
     return proj
@@ -1203,7 +1223,7 @@ def main(argv=None):
         saved = with_added_settings(ckpt["config"], config)  # even if allowed:
         if saved["fix_pred_lr"] != args.fix_pred_lr:
             sys.exit("cannot resume with another --fix-pred-lr: it regroups the optimiser's saved state")
-        if (saved["pred_hidden"] or proj[-1] // 4) != (args.pred_hidden or proj[-1] // 4):
+        if predictor_width(saved["pred_hidden"], proj[-1]) != predictor_width(args.pred_hidden, proj[-1]):
             sys.exit("cannot resume with another --pred-hidden: the saved predictor has another shape")
     if master:
         prepare_out(args, config, ckpt, metrics_path)
@@ -1235,11 +1255,30 @@ def main(argv=None):
         print(f"resumed from {ckpt_path} at epoch {start_epoch}", *changes, sep="\n  ")
     ddp, forward, autocast = wrap_for_training(model, args, world, device)
 
+    # λ against the untrained network's views, whose canonical correlations λ has not moved yet (README,
+    # Choosing λ): a λ that switches off most of the directions they show can collapse the run
+    images = train_x if train_images is None else train_images
+    initial = None
+    if start_epoch == 0:
+        initial = {"epoch": 0, **view_correlations(model, images, args.lam, args.seed, -1, device, rank,
+                                                   world, args.bf16)}
+        if master:
+            print(f"initialisation: directions seen {initial['signal_dims']} (null "
+                  f"{initial['null_level']:.2f}, top {initial['corr_top']:.2f}); λ below "
+                  f"{initial['lam_max']:.2f} keeps half of them")
+            if args.loss == "peira" and initial["kept_dims"] < KEPT_WARN * initial["signal_dims"]:
+                print(f"warning: λ {args.lam} keeps {initial['kept_dims']} of the {initial['signal_dims']} "
+                      f"directions the untrained network's views show above their null (s > λ²): "
+                      f"PEIRA switches the others off from the start and may collapse; λ below "
+                      f"{initial['lam_max']:.2f} keeps half of them")
+
     # metrics.jsonl stays open for the run (rank 0), line-buffered: each record reaches the file as
     # it is written, so a crash or a preemption loses none
     history = []
     last_epoch = min(args.epochs, start_epoch + args.stop_after) if args.stop_after else args.epochs
     with open(metrics_path, "a", buffering=1) if master else nullcontext() as metrics:
+        if master and initial is not None:
+            metrics.write(json.dumps(initial) + "\n")
         for epoch in range(start_epoch, last_epoch):
             # the epoch's order and augmentations are functions of (seed, epoch, step or index): exact resume
             torch.manual_seed(args.seed * 100_003 + epoch * 1009 + rank)
@@ -1287,10 +1326,10 @@ def main(argv=None):
                 probe_acc = (probe(test_feat).argmax(1) == test_labels).float().mean().item()
             if args.loss != "peira":  # the monitor of the other losses keeps each rank's moments
                 peira_loss.all_reduce_moments()
-            images = train_x if train_images is None else train_images
-            stats = {**peira_loss.stats(),
-                     **view_correlations(model, images, args.lam, args.seed, epoch, device, rank, world,
-                                         args.bf16)}
+            stats = peira_loss.stats()
+            if epoch == 0 or (epoch + 1) % args.view_corr_every == 0 or epoch + 1 == args.epochs:
+                stats.update(view_correlations(model, images, args.lam, args.seed, epoch, device, rank, world,
+                                               args.bf16))
             std = embedding_spread(z)  # the last batch's embeddings of view 1
             record = {"epoch": epoch + 1, "knn": knn, "online_probe": probe_acc, "loss": loss_value,
                       "lr": lr, "img_per_s": seen / epoch_time, "epoch_time": epoch_time,
@@ -1304,14 +1343,16 @@ def main(argv=None):
                 if std < COLLAPSE_STD:
                     print(f"warning: embeddings collapsing at epoch {epoch + 1}: √k·std of normalised "
                           f"embeddings {std:.3f}")
-                if args.loss == "peira" and stats["kept_dims"] < KEPT_WARN * stats["signal_dims"]:
+                switched_off = stats.get("kept_dims", 0) < KEPT_WARN * stats.get("signal_dims", 0)
+                if args.loss == "peira" and switched_off:
                     print(f"warning: λ {args.lam} keeps {stats['kept_dims']} of the {stats['signal_dims']} "
                           f"directions the training images show above their null (s > λ²): "
                           f"PEIRA is switching the others off; a smaller --lam keeps them")
+                seen_dims = (f"directions seen {stats['signal_dims']} (null {stats['null_level']:.2f})  "
+                             if "signal_dims" in stats else "")
                 print(f"epoch {epoch + 1}: loss {loss_value:.4f}  kNN {100 * knn:.2f}%  "
                       f"probe {100 * probe_acc:.2f}%  objective {stats['objective']:.4f}  "
-                      f"rank(N) {stats['rank_N']:.1f}  directions seen {stats['signal_dims']} "
-                      f"(null {stats['null_level']:.2f})  {seen / epoch_time:.0f} img/s")
+                      f"rank(N) {stats['rank_N']:.1f}  {seen_dims}{seen / epoch_time:.0f} img/s")
                 metrics.write(json.dumps(record) + "\n")
                 save_checkpoint(ckpt_path, {"model": model.state_dict(), "probe": probe.state_dict(),
                                             "peira": peira_loss.state_dict(), "opt": opt.state_dict(),

@@ -346,7 +346,7 @@ def check_replicas(tensors, world, what):
 
 # the settings that do not change a run: everything else must match the checkpoint's to resume
 NOT_RUN_KEYS = {"data", "out", "workers", "resume", "stop_after", "eval", "probe_epochs", "probe_lr",
-                "probe_batch", "compile", "allow_change", "tiny"}
+                "probe_batch", "compile", "allow_change", "tiny", "view_corr_every"}
 CHECKPOINT_KEYS = ("model", "probe", "peira", "opt", "probe_opt", "epoch", "config")
 
 
