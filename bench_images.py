@@ -228,9 +228,9 @@ def run_argv(data, out, loss, trial, seed, setting):
 
 def train_run(argv):
     """One train_cifar.py run; its per-epoch records. A finished run (results.json, every epoch in
-    metrics.jsonl, the same settings but those that never change a run, train_cifar.NOT_RUN_KEYS) is read
-    back instead of trained again; anything else in its
-    folder is cleared first, so that an interrupted run is never taken for a finished one."""
+    metrics.jsonl, the same settings but those that never change a run, train_cifar.NOT_RUN_KEYS) is
+    read back instead of trained again; anything else in its folder is cleared first, so that an
+    interrupted run is never taken for a finished one."""
     out = argv[argv.index("--out") + 1]
     now = train_cifar.parse_args(argv)
     train_cifar.check_args(now)  # the recipe's values, as saved
@@ -240,7 +240,9 @@ def train_run(argv):
             saved = json.load(fh)
         history = [r for r in train_cifar.metrics_records(os.path.join(out, "metrics.jsonl")) if "knn" in r]
         saved = train_cifar.with_added_settings(saved, vars(now))
-        same = all(saved.get(k) == v for k, v in vars(now).items() if k not in train_cifar.NOT_RUN_KEYS)
+        # a run resumed with --allow-change ran another schedule than its config.json now says
+        ignored = train_cifar.NOT_RUN_KEYS - {"allow_change"}
+        same = all(saved.get(k) == v for k, v in vars(now).items() if k not in ignored)
         if same and len(history) == now.epochs:
             return history
     for name in ("results.json", "evaluation.json"):
@@ -313,10 +315,12 @@ def references(splits, setting, probe_epochs, seed=0):
 
 def initial_views(splits, setting, seed=0):
     """train_cifar.view_correlations of the untrained network (seed `seed`) on the training images, as
-    train_cifar.py reads them before its first step: the spectrum λ is chosen against (lam_max)."""
+    train_cifar.py reads them before its first step (on the device it would pick): the spectrum λ is
+    chosen against (lam_max)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     model = train_cifar.SSLModel("peira", setting["width"], [int(d) for d in setting["proj"].split("-")])
-    return train_cifar.view_correlations(model, splits[0], 0.0, seed, -1, torch.device("cpu"), 0, 1,
+    return train_cifar.view_correlations(model.to(device), splits[0], 0.0, seed, -1, device, 0, 1,
                                          setting["bf16"])
 
 
@@ -428,7 +432,7 @@ def plot_lam_sweep(rows, initial, out):
     ax.plot(LAM_SWEEP, [100 * r["linear_probe"] for r in rows], marker="o", label="linear probe (%)")
     ax.plot(LAM_SWEEP, [100 * r["knn_k20"] for r in rows], marker="s", label="kNN k20 (%)")
     ax.axvline(initial["lam_max"], color="grey", ls="--", lw=1,
-               label=f"lam_max at initialisation ({initial['lam_max']:.2f})")
+               label=f"λ keeping half the untrained network's directions ({initial['lam_max']:.2f})")
     ax.set(xscale="log", xlabel="λ", ylabel="validation accuracy (%)")
     ax.set_xticks(LAM_SWEEP, [str(lam) for lam in LAM_SWEEP])
     ax.xaxis.set_minor_formatter(NullFormatter())
@@ -510,7 +514,7 @@ def main(argv=None):
     print(f"\n{args.dataset}, {split} split, {setting}, seeds {seeds}, {time.time() - t0:.0f} s")
     print_table(groups, refs)
     print(f"untrained network's views (seed 0): directions seen {initial['signal_dims']} above the null "
-          f"level {initial['null_level']:.2f}; λ below {initial['lam_max']:.2f} keeps half of them")
+          f"level {initial['null_level']:.2f}; λ below {initial['lam_max']:.2f} keeps at least half of them")
     result = {"split": split, "setting": setting, "seeds": seeds, "references": refs,
               "initial_views": initial, "runs": groups}
     if args.tune:  # each loss's best trial, merged into tuned.json (kept only for the same setting)

@@ -1201,21 +1201,31 @@ def test_train_cifar_warns_when_lam_switches_directions_off(fake_cifar, tmp_path
     assert "untrained" not in capsys.readouterr().out
 
 
-def test_view_corr_every_thins_the_diagnostic_and_leaves_the_run_alone(fake_cifar, tmp_path):
-    """--view-corr-every 3 over 4 epochs: the view correlations before training and after epochs 1, 3
-    and 4 only; every other number of the run, and its weights, as with the diagnostic every epoch (it
-    draws from its own generators), so that a resume or bench_images may change it."""
+def test_view_corr_every_thins_the_diagnostic_and_leaves_the_run_alone(fake_cifar, tmp_path, monkeypatch):
+    """--view-corr-every 5 over 3 epochs: the view correlations before training and after epochs 1 and
+    3 only; every other number of the run, and its weights, as with the diagnostic every epoch, and
+    as without the pass before training (each draws from its own generators), so that a resume or
+    bench_images may change it."""
     runs = {}
-    for every in (1, 3):
+    for every in (1, 5):
         out = tmp_path / str(every)
-        history = tc.main(cifar_args(fake_cifar, out, "--epochs", "4", "--view-corr-every", str(every)))
+        history = tc.main(cifar_args(fake_cifar, out, "--epochs", "3", "--view-corr-every", str(every)))
         runs[every] = history, torch.load(out / "ckpt.pt", weights_only=True)["model"]
-    assert [("signal_dims" in r) for r in runs[3][0]] == [True, False, True, True]
+        initial = read_jsonl(out / "metrics.jsonl")[0]
+        assert initial["epoch"] == 0 and initial["signal_dims"] >= 1
+    assert [("signal_dims" in r) for r in runs[5][0]] == [True, False, True]
     assert all("signal_dims" in r for r in runs[1][0])
+    view_correlations = tc.view_correlations
+    skipped = {"null_level": math.nan, "signal_dims": 0, "kept_dims": 0, "corr_top": 0.0, "lam_max": math.nan}
+    monkeypatch.setattr(tc, "view_correlations",  # the untrained network's pass skipped
+                        lambda *a, **kw: skipped if a[4] == -1 else view_correlations(*a, **kw))
+    tc.main(cifar_args(fake_cifar, tmp_path / "none", "--epochs", "3", "--view-corr-every", "5"))
+    weights = torch.load(tmp_path / "none" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(runs[5][1][k], weights[k]) for k in weights)
     for dense, sparse in zip(*(h for h, _ in runs.values())):
         assert {k: v for k, v in sparse.items() if k != "epoch_time" and k != "img_per_s"} == \
             {k: v for k, v in dense.items() if k in sparse and k not in ("epoch_time", "img_per_s")}
-    assert all(torch.equal(runs[1][1][k], runs[3][1][k]) for k in runs[1][1])
+    assert all(torch.equal(runs[1][1][k], runs[5][1][k]) for k in runs[1][1])
     assert "view_corr_every" in tc.NOT_RUN_KEYS
 
 
@@ -1227,6 +1237,12 @@ def test_image_benchmark_reuses_a_run_whatever_its_not_run_keys(fake_cifar, tmp_
     assert "== train_cifar.py" in capsys.readouterr().out
     again = bench_images.train_run([*argv, "--workers", "1", "--view-corr-every", "5"])
     assert again == first and "== train_cifar.py" not in capsys.readouterr().out
+    bench_images.train_run([*argv, "--lam", "0.2"])
+    assert "== train_cifar.py" in capsys.readouterr().out
+    with open(tmp_path / "config.json") as fh:  # as if resumed with another schedule: trained again
+        config = json.load(fh)
+    with open(tmp_path / "config.json", "w") as fh:
+        json.dump({**config, "allow_change": "epochs"}, fh)
     bench_images.train_run([*argv, "--lam", "0.2"])
     assert "== train_cifar.py" in capsys.readouterr().out
 
@@ -1303,8 +1319,9 @@ def test_image_benchmark_statistics_and_trials(capsys):
     and SimSiam's learning rate follows the batch."""
     gen = torch.Generator().manual_seed(0)
     history = [{"epoch": e + 1, "knn": torch.rand(1, generator=gen).item(), "rank_N": 3.0 + e,
-                "signal_dims": e, "null_level": 0.2, "alignment": 0.5 + e / 10,
-                "objective": torch.randn(1, generator=gen).item(), "epoch_time": 2.0} for e in range(6)]
+                "alignment": 0.5 + e / 10, "objective": torch.randn(1, generator=gen).item(),
+                "epoch_time": 2.0} for e in range(6)]
+    history[-1].update(signal_dims=5, null_level=0.2)  # the view correlations: the last record has them
     evaluation = {"linear_probe": 0.6, "knn_k20": 0.5, "knn_k200": 0.4}
     row = bench_images.summary(history, evaluation)
     knn, objective = [h["knn"] for h in history], [h["objective"] for h in history]

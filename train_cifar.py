@@ -11,9 +11,12 @@ Losses (--loss): peira (running moments, η annealed, Algorithm 1 of the PEIRA p
 arXiv:2605.17671), peira_direct (P, Q from the global minibatch, back-propagated through the
 inverse: the "bad" algorithm), simsiam (predictor + stop-gradient, SimSiam's own CIFAR recipe),
 vicreg (25 / 25 / 1, global-batch statistics). Each loss runs the recipe in RECIPES unless flags
-override it (README). Every epoch: kNN accuracy (cosine, k 200, T 0.1, clean train images as
-memory bank), the online linear probe (fit on the same clean features), the PEIRA objective and
-diagnostics of the embeddings (for every loss), a checkpoint (the previous one is kept as
+override it (README). Before the first step: the canonical correlations of two views of the
+training images through the untrained network, and a warning when λ would switch off most of the
+directions they show (README, Choosing λ). Every epoch: kNN accuracy (cosine, k 200, T 0.1, clean
+train images as memory bank), the online linear probe (fit on the same clean features), the PEIRA
+objective and diagnostics of the embeddings (for every loss; the view correlations after epoch 1,
+every --view-corr-every epochs and after the last), a checkpoint (the previous one is kept as
 ckpt.pt.prev). Writes into --out: config.json, metrics.jsonl, ckpt.pt, results.json,
 objective_vs_knn.png, alignment_by_epoch.png; results and figures cover the whole run, across
 resumes. --data takes CIFAR-10 in torchvision's format (downloaded when missing) or as an image
@@ -123,6 +126,7 @@ COLLAPSE_STD = 0.1               # warn when √k · std of the normalised embed
 VIEW_CORR_IMAGES = 4096          # at least this many training images (and 64 per embedding dimension)
 AUG_STEPS = 8                    # --augment batched on a GPU: steps whose views are made in one call
 KEPT_WARN = 0.5                  # warn when PEIRA keeps (s > λ²) under this share of the directions seen
+#                                  (and lam_max: the λ below which it keeps this share)
 VICREG_COEFFS = (25.0, 25.0, 1.0)  # invariance, variance, covariance (official VICReg)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 # settings added after checkpoints were written, with the value every run before them had: a
@@ -999,8 +1003,9 @@ def view_correlations(model, images, lam, seed, epoch, device, rank, world, bf16
     moments) against their null, the same pairs shuffled across images
     (peira.canonical_correlations_with_null): the level at which the sample sees a direction; how many
     directions pass it, how many of those PEIRA keeps (s > λ²), and lam_max, the λ below which it keeps at
-    least KEPT_WARN of them. Under bf16 the rounding noise, independent between the views, lowers both the
-    correlations and their null a little."""
+    least KEPT_WARN of them. epoch -1 is the untrained network's pass (its seeds, negative for seed 0,
+    wrap to 2⁶⁴ − x: no epoch's). Under bf16 the rounding noise, independent between the views, lowers
+    both the correlations and their null a little."""
     gen = torch.Generator(device=device).manual_seed((seed * 1_000_003 + epoch) * 100_003 + 99_991)
     embed = nn.Sequential(model.backbone, model.projector)
     k = next(m.out_features for m in reversed(model.projector) if isinstance(m, nn.Linear))
@@ -1263,14 +1268,15 @@ def main(argv=None):
         initial = {"epoch": 0, **view_correlations(model, images, args.lam, args.seed, -1, device, rank,
                                                    world, args.bf16)}
         if master:
+            below = (f"; λ below {initial['lam_max']:.2f} keeps at least half of them"
+                     if initial["signal_dims"] else "")
             print(f"initialisation: directions seen {initial['signal_dims']} (null "
-                  f"{initial['null_level']:.2f}, top {initial['corr_top']:.2f}); λ below "
-                  f"{initial['lam_max']:.2f} keeps half of them")
+                  f"{initial['null_level']:.2f}, top {initial['corr_top']:.2f}){below}")
             if args.loss == "peira" and initial["kept_dims"] < KEPT_WARN * initial["signal_dims"]:
                 print(f"warning: λ {args.lam} keeps {initial['kept_dims']} of the {initial['signal_dims']} "
                       f"directions the untrained network's views show above their null (s > λ²): "
                       f"PEIRA switches the others off from the start and may collapse; λ below "
-                      f"{initial['lam_max']:.2f} keeps half of them")
+                      f"{initial['lam_max']:.2f} keeps at least half of them")
 
     # metrics.jsonl stays open for the run (rank 0), line-buffered: each record reaches the file as
     # it is written, so a crash or a preemption loses none
@@ -1343,8 +1349,8 @@ def main(argv=None):
                 if std < COLLAPSE_STD:
                     print(f"warning: embeddings collapsing at epoch {epoch + 1}: √k·std of normalised "
                           f"embeddings {std:.3f}")
-                switched_off = stats.get("kept_dims", 0) < KEPT_WARN * stats.get("signal_dims", 0)
-                if args.loss == "peira" and switched_off:
+                if args.loss == "peira" and "signal_dims" in stats \
+                        and stats["kept_dims"] < KEPT_WARN * stats["signal_dims"]:
                     print(f"warning: λ {args.lam} keeps {stats['kept_dims']} of the {stats['signal_dims']} "
                           f"directions the training images show above their null (s > λ²): "
                           f"PEIRA is switching the others off; a smaller --lam keeps them")
