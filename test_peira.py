@@ -1377,10 +1377,15 @@ def test_image_benchmark_trial_flag(capsys):
         with pytest.raises(SystemExit):
             bench_images.main(["--trial", '{"loss": "peira", "out": "x"}', "--out", "unused", *argv])
         assert message in capsys.readouterr().err
-    # the λ sweep's extra runs are drawn, never chosen: PEIRA's choice has as many candidates as the others'
+    # the λ sweep is its own mode: its runs are drawn, never chosen
     sweep = bench_images.lam_sweep_runs()
     assert [t["lam"] for t in sweep] == list(bench_images.LAM_SWEEP)
-    assert [t for t in sweep if t not in bench_images.TRIALS["peira"]] == [{"lam": 0.7, "lr": 1.0}]
+    for argv, message in ((["--tune"], "not allowed with argument"), (["--seeds", "1"], "seed 0"),
+                          (["--losses", "vicreg"], "seed 0")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            bench_images.main(["--lam-sweep", "--out", "unused", *argv])
+        assert message in capsys.readouterr().err
 
 
 def test_simsiam_runs_its_own_cifar_recipe():
