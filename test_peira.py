@@ -1192,7 +1192,10 @@ def test_train_cifar_warns_when_lam_switches_directions_off(fake_cifar, tmp_path
         config = json.load(fh)
     setting = {k: config[k] for k in ("width", "proj", "bf16")}
     reproduced = bench_images.initial_views(tc.load_splits(fake_cifar, 640), setting)
-    assert {**reproduced, "kept_dims": 0} == {k: v for k, v in initial.items() if k != "epoch"}
+    seen = reproduced.pop("corr_seen")
+    assert set(reproduced.pop("kept_by_lam")) == {str(lam) for lam in bench_images.LAM_SWEEP}
+    assert len(seen) == initial["signal_dims"] and seen[0] == initial["corr_top"]
+    assert reproduced == {k: v for k, v in initial.items() if k not in ("epoch", "kept_dims")}
     # a λ below the untrained network's lam_max keeps at least half of what it sees, and does not warn
     tc.main(cifar_args(fake_cifar, tmp_path / "small", "--lam", f"{0.99 * initial['lam_max']:.4f}",
                        "--epochs", "1", "--subset", "640"))

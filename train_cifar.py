@@ -997,15 +997,16 @@ def sharded_features(network, images, device, rank, world, params=None, bf16=Fal
     return all_gather_cat(padded, world)[:len(images)]
 
 
-def view_correlations(model, images, lam, seed, epoch, device, rank, world, bf16=False):
+def view_correlations(model, images, lam, seed, epoch, device, rank, world, bf16=False, spectrum=False):
     """Canonical correlations of the embeddings of two augmented views of each of the first
     max(VIEW_CORR_IMAGES, 64 k) training images (a sample large against k, unlike a batch or the running
     moments) against their null, the same pairs shuffled across images
     (peira.canonical_correlations_with_null): the level at which the sample sees a direction; how many
     directions pass it, how many of those PEIRA keeps (s > λ²), and lam_max, the λ below which it keeps at
     least KEPT_WARN of them. epoch -1 is the untrained network's pass (its seeds, negative for seed 0,
-    wrap to 2⁶⁴ − x: no epoch's). Under bf16 the rounding noise, independent between the views, lowers
-    both the correlations and their null a little."""
+    wrap to 2⁶⁴ − x: no epoch's). With spectrum, also the correlations seen ("corr_seen", descending).
+    Under bf16 the rounding noise, independent between the views, lowers both the correlations and
+    their null a little."""
     gen = torch.Generator(device=device).manual_seed((seed * 1_000_003 + epoch) * 100_003 + 99_991)
     embed = nn.Sequential(model.backbone, model.projector)
     k = next(m.out_features for m in reversed(model.projector) if isinstance(m, nn.Linear))
@@ -1016,10 +1017,11 @@ def view_correlations(model, images, lam, seed, epoch, device, rank, world, bf16
     corr, null = peira.canonical_correlations_with_null(u, v, shuffle)
     if len(corr) == 0:  # the embeddings collapsed to one point: no direction left to correlate
         return {"null_level": math.nan, "signal_dims": 0, "kept_dims": 0, "corr_top": 0.0,
-                "lam_max": math.nan}
+                "lam_max": math.nan, **({"corr_seen": []} if spectrum else {})}
     seen = corr[corr > null[0]]
     return {"null_level": null[0].item(), "signal_dims": len(seen), "kept_dims": int((seen > lam ** 2).sum()),
-            "corr_top": corr[0].item(), "lam_max": lam_keeping(seen, KEPT_WARN)}
+            "corr_top": corr[0].item(), "lam_max": lam_keeping(seen, KEPT_WARN),
+            **({"corr_seen": seen.tolist()} if spectrum else {})}
 
 
 def lam_keeping(corr, share):
