@@ -10,12 +10,13 @@
 DIR holds CIFAR-10 as train_cifar.py reads it: torchvision's cifar-10-batches-py, or an image folder
 (train/<class>/*.jpg, test/<class>/*.jpg). The benchmark writes its splits once, in CIFAR-10's on-disk
 format, into --out: a class-balanced training subset of --train-size images; for --tune, --lam-sweep
-and --trial, --val-size other training images as validation split (the test images are not written); otherwise
-the 10,000 test images. Every run is `train_cifar.py` with the same CPU setting (SETTING: width, projector,
-batch, epochs, augmentations) and its loss's own objective and optimiser; a finished run is reused.
+and --trial, --val-size other training images as validation split (the test images are not written);
+otherwise the 10,000 test images. Every run is `train_cifar.py` with the same CPU setting (SETTING:
+width, projector, batch, epochs, augmentations) and its loss's own objective and optimiser; a finished
+run is reused.
 
 --tune runs TRIALS on the validation split (seed 0): the same number of trials for every loss (its
-learning rate, LARS convention, and λ for PEIRA), and writes tuned.json: each loss's trial with the
+learning rate, LARS convention, and η for PEIRA), and writes tuned.json: each loss's trial with the
 best offline linear probe. Without --tune the runs use tuned.json and report, on the test images:
 the offline linear probe on frozen features (primary; 100 epochs of SGD on the backbone features
 standardised with the training features' mean and std), kNN (cosine, k 20 and T 0.07 as
@@ -87,7 +88,7 @@ SETTING = {"cifar10": dict(train_size=10000, val_size=2000, epochs=10, width=16,
            "digits": dict(train_size=1197, val_size=300, epochs=20, width=16, proj="128-128-64", batch=128,
                           bf16=True)}
 # the trials of each loss on the validation split, the same number for every loss: its learning rate
-# (LARS, convention --lars vicreg unless named; SimSiam's SGD per 256 images, its recipe 0.03), λ for
+# (LARS, convention --lars vicreg unless named; SimSiam's SGD per 256 images, its recipe 0.03), η for
 # PEIRA, solo-learn's LARS for VICReg. Each learning-rate grid has a worse trial on both sides of its
 # best: PEIRA's and VICReg's grids, first 0.3 / 1 / 3 with 3 best, moved to 1 / 3 / 10; SimSiam's,
 # 0.06 ... 0.48 with 0.48 best at projector 512-512-512, moved to 0.12 ... 0.96, then to 0.24 ... 1.92.

@@ -2166,8 +2166,8 @@ def test_plan_summary_of_separate_runs_equals_the_summary_of_one_run(tiny_two_ro
                                                                       capsys):
     """Every row of plan.py's table (one per model checkpoint) draws from its own random generator,
     seeded from --seed and the row's name, so the summary over training seeds that --summary builds
-    from two runs' plan.json files equals the one from a single run that plans both; a later file's row replaces a
-    same-named one; runs with other planner settings are refused."""
+    from two runs' plan.json files equals the one from a single run that plans both; a later file's row
+    replaces a same-named one; runs with other planner settings are refused."""
     monkeypatch.setattr(tr, "MAX_STEPS", 25)
     monkeypatch.setattr(plan, "distance_maps", lambda *args: None)
     flags = ["--episodes", "3", "--samples", "8", "--horizon", "8"]
