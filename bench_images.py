@@ -24,11 +24,11 @@ solo-learn; k 200 and T 0.1 as InstDisc), the kNN monitor of the first and last 
 the directions the training images show above their null, corr(PEIRA objective, test kNN) over
 epochs and P–S alignment; raw pixels and the untrained network (as training starts from it, and with
 its residual branches drawn too) through the same kNN and probe; per loss mean ± std over seeds and
-PEIRA − each baseline as paired differences with a 95% t interval. Writes results_SPLIT.json (with
-the untrained network's view correlations, train_cifar.py's line before training),
+PEIRA − each baseline as paired differences with a 95% t interval. Writes results_SPLIT.json,
 knn_by_epoch_SPLIT.png, objective_vs_knn_SPLIT.png and alignment_by_epoch_SPLIT.png. --lam-sweep runs
-PEIRA at each λ of LAM_SWEEP (validation split, seed 0; never a candidate) and writes
-results_lam_sweep.json and lam_sweep.png.
+PEIRA at each λ of LAM_SWEEP (validation split, seed 0; never a candidate), reads the untrained
+network's view correlations as train_cifar.py does before training, and writes results_lam_sweep.json
+and lam_sweep.png.
 --compare-augment trains PEIRA (λ 0.1) on the test split with both of train_cifar.py's pipelines
 (--augment batched, per-image) on the same seeds and prints the paired differences. --trial runs one
 configuration outside TRIALS on the validation split (never a candidate) and prints its row beside
@@ -328,8 +328,8 @@ def initial_views(splits, setting, seed=0, zero_init_residual=True):
     torch.manual_seed(seed)
     model = train_cifar.SSLModel("peira", setting["width"], [int(d) for d in setting["proj"].split("-")],
                                  zero_init_residual=zero_init_residual)
-    stats = train_cifar.view_correlations(model.to(device), splits[0], 0.0, seed, -1, device, 0, 1,
-                                          setting["bf16"], spectrum=True)
+    stats = train_cifar.view_correlations(model.to(device), splits[0], 0.0, seed, train_cifar.BEFORE_TRAINING,
+                                          device, 0, 1, setting["bf16"], spectrum=True)
     stats.pop("kept_dims")  # at λ 0: every direction seen
     stats["kept_by_lam"] = {str(lam): sum(s > lam ** 2 for s in stats["corr_seen"]) for lam in LAM_SWEEP}
     return stats
@@ -521,7 +521,7 @@ def main(argv=None):
             evaluation = evaluate_run(out, splits, args.probe_epochs)
             groups.setdefault(label, []).append(summary(history, evaluation))
     refs = references(splits, setting, args.probe_epochs)
-    initial = None if args.trial else initial_views(splits, setting)  # a trial's run prints its own
+    initial = initial_views(splits, setting) if args.lam_sweep else None  # the λ figure's line
 
     # choice (validation), table, differences, figures
     print(f"\n{args.dataset}, {split} split, {setting}, seeds {seeds}, {time.time() - t0:.0f} s")

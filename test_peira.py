@@ -1215,8 +1215,9 @@ def test_view_corr_every_thins_the_diagnostic_and_leaves_the_run_alone(fake_cifa
     assert [("signal_dims" in r) for r in sparse] == [True, False, True]
     view_correlations = tc.view_correlations
     skipped = {"null_level": math.nan, "signal_dims": 0, "kept_dims": 0, "corr_top": 0.0, "lam_max": math.nan}
-    monkeypatch.setattr(tc, "view_correlations",  # the untrained network's pass skipped
-                        lambda *a, **kw: skipped if a[4] == -1 else view_correlations(*a, **kw))
+    def without_the_pass_before_training(*a, **kw):
+        return skipped if a[4] == tc.BEFORE_TRAINING else view_correlations(*a, **kw)
+    monkeypatch.setattr(tc, "view_correlations", without_the_pass_before_training)
     dense = tc.main(cifar_args(fake_cifar, tmp_path / "1", "--epochs", "3", "--view-corr-every", "1"))
     assert all("signal_dims" in r for r in dense)
     timing = ("epoch_time", "img_per_s")

@@ -127,6 +127,7 @@ VIEW_CORR_IMAGES = 4096          # at least this many training images (and 64 pe
 AUG_STEPS = 8                    # --augment batched on a GPU: steps whose views are made in one call
 KEPT_WARN = 0.5                  # warn when PEIRA keeps (s > λ²) under this share of the directions seen
 #                                  (and lam_max: the λ below which it keeps this share)
+BEFORE_TRAINING = -1             # view_correlations' epoch for the untrained network
 VICREG_COEFFS = (25.0, 25.0, 1.0)  # invariance, variance, covariance (official VICReg)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 # settings added after checkpoints were written, with the value every run before them had: a
@@ -1003,9 +1004,9 @@ def view_correlations(model, images, lam, seed, epoch, device, rank, world, bf16
     moments) against their null, the same pairs shuffled across images
     (peira.canonical_correlations_with_null): the level at which the sample sees a direction; how many
     directions pass it, how many of those PEIRA keeps (s > λ²), and lam_max, the λ below which it keeps at
-    least KEPT_WARN of them. epoch -1 is the untrained network's pass (its seeds, negative for seed 0,
-    wrap to 2⁶⁴ − x: no epoch's). With spectrum, also the correlations seen ("corr_seen", descending).
-    Under bf16 the rounding noise, independent between the views, lowers both the correlations and
+    least KEPT_WARN of them. epoch BEFORE_TRAINING is the untrained network's pass (its seeds, negative
+    for seed 0, wrap to 2⁶⁴ − x: no epoch's). With spectrum, also the correlations seen ("corr_seen",
+    descending). Under bf16 the rounding noise, independent between the views, lowers both the correlations and
     their null a little."""
     gen = torch.Generator(device=device).manual_seed((seed * 1_000_003 + epoch) * 100_003 + 99_991)
     embed = nn.Sequential(model.backbone, model.projector)
@@ -1022,6 +1023,12 @@ def view_correlations(model, images, lam, seed, epoch, device, rank, world, bf16
     return {"null_level": null[0].item(), "signal_dims": len(seen), "kept_dims": int((seen > lam ** 2).sum()),
             "corr_top": corr[0].item(), "lam_max": lam_keeping(seen, KEPT_WARN),
             **({"corr_seen": seen.tolist()} if spectrum else {})}
+
+
+def keeps_too_few(stats):
+    """Whether view_correlations' stats (if this epoch has them) show PEIRA keeping under KEPT_WARN of
+    the directions seen: the condition of both λ warnings."""
+    return "signal_dims" in stats and stats["kept_dims"] < KEPT_WARN * stats["signal_dims"]
 
 
 def lam_keeping(corr, share):
@@ -1267,14 +1274,14 @@ def main(argv=None):
     images = train_x if train_images is None else train_images
     initial = None
     if start_epoch == 0:
-        initial = {"epoch": 0, **view_correlations(model, images, args.lam, args.seed, -1, device, rank,
-                                                   world, args.bf16)}
+        initial = {"epoch": 0, **view_correlations(model, images, args.lam, args.seed, BEFORE_TRAINING,
+                                                   device, rank, world, args.bf16)}
         if master:
             below = (f"; λ below {initial['lam_max']:.2f} keeps at least half of them"
                      if initial["signal_dims"] else "")
             print(f"initialisation: directions seen {initial['signal_dims']} (null "
                   f"{initial['null_level']:.2f}, top {initial['corr_top']:.2f}){below}")
-            if args.loss == "peira" and initial["kept_dims"] < KEPT_WARN * initial["signal_dims"]:
+            if args.loss == "peira" and keeps_too_few(initial):
                 print(f"warning: λ {args.lam} keeps {initial['kept_dims']} of the {initial['signal_dims']} "
                       f"directions the untrained network's views show above their null (s > λ²): "
                       f"PEIRA switches the others off from the start and may collapse; λ below "
@@ -1351,8 +1358,7 @@ def main(argv=None):
                 if std < COLLAPSE_STD:
                     print(f"warning: embeddings collapsing at epoch {epoch + 1}: √k·std of normalised "
                           f"embeddings {std:.3f}")
-                if args.loss == "peira" and "signal_dims" in stats \
-                        and stats["kept_dims"] < KEPT_WARN * stats["signal_dims"]:
+                if args.loss == "peira" and keeps_too_few(stats):
                     print(f"warning: λ {args.lam} keeps {stats['kept_dims']} of the {stats['signal_dims']} "
                           f"directions the training images show above their null (s > λ²): "
                           f"PEIRA is switching the others off; a smaller --lam keeps them")
