@@ -1140,6 +1140,42 @@ def test_pred_hidden_sets_simsiam_predictor_width_through_resume_and_eval(fake_c
     assert "--pred-hidden: --loss vicreg has no predictor" in capsys.readouterr().err
 
 
+def test_vicreg_loss_against_its_definition_and_the_coefficients_flag(fake_cifar, tmp_path, monkeypatch,
+                                                                      capsys):
+    """vicreg_loss against VICReg's three terms written out in float64 (mean squared distance; hinge
+    on each dimension's std, 1 − sqrt(var + 1e-4), averaged over dimensions and over the two views;
+    squared off-diagonal covariances / d, summed over the views), at the paper's 25 / 25 / 1 and at
+    --vicreg-coeffs' values; train_cifar.py hands the flag's coefficients to the loss, and refuses bad
+    values and the flag with another loss."""
+    g = torch.Generator().manual_seed(0)
+    scale = torch.linspace(0.2, 2.0, 12, dtype=torch.float64)  # some dimensions under the hinge's std 1
+    z1 = torch.randn(64, 12, generator=g, dtype=torch.float64) * scale
+    z2 = z1 + 0.3 * torch.randn(64, 12, generator=g, dtype=torch.float64)
+    inv = ((z1 - z2) ** 2).sum(1).mean() / 12
+    var = sum(torch.clamp(1 - torch.sqrt(torch.var(z, 0) + 1e-4), min=0).mean() for z in (z1, z2)) / 2
+    cov = 0
+    for z in (z1, z2):
+        c = np.cov(z.numpy(), rowvar=False)
+        cov = cov + (np.sum(c ** 2) - np.sum(np.diag(c) ** 2)) / 12
+    for coeffs in ((25.0, 25.0, 1.0), (2.0, 0.5, 7.0)):
+        expected = coeffs[0] * inv + coeffs[1] * var + coeffs[2] * cov
+        got = tc.vicreg_loss(z1, z2, 1, *([coeffs] if coeffs != tc.VICREG_COEFFS else []))  # default
+        assert math.isclose(float(got), float(expected), rel_tol=1e-5)
+    seen = []
+    monkeypatch.setattr(tc, "vicreg_loss", lambda z1, z2, world, coeffs: seen.append(coeffs) or z1.mean())
+    out = tmp_path / "vicreg"
+    tc.main(cifar_args(fake_cifar, out, "--loss", "vicreg", "--epochs", "1", "--vicreg-coeffs", "10,25,0.5"))
+    assert seen and set(seen) == {(10.0, 25.0, 0.5)}
+    assert json.load(open(out / "config.json"))["vicreg_coeffs"] == "10,25,0.5"
+    for bad, message in ((["--vicreg-coeffs", "25,25"], "three numbers"),
+                         (["--vicreg-coeffs", "0,0,0"], "three numbers"),
+                         (["--vicreg-coeffs", "25,-1,1"], "three numbers ≥ 0"),
+                         (["--loss", "peira", "--vicreg-coeffs", "1,1,1"], "--loss peira is not VICReg")):
+        with pytest.raises(SystemExit):
+            tc.main(cifar_args(fake_cifar, tmp_path / "bad", "--loss", "vicreg", "--epochs", "1", *bad))
+        assert message in capsys.readouterr().err
+
+
 def test_simsiam_loss_keeps_float32_precision_under_bf16_autocast():
     """The cosines in float32: under CPU autocast, with bf16 embeddings (as the projector gives
     them) and predictions close to the other view's (cosines near 1, as in training), the loss and
@@ -1813,7 +1849,8 @@ def test_train_imagenet_layout_and_argument_errors(tmp_path):
     with pytest.raises(SystemExit, match="without images .*: empty1"):
         ti.check_layout(layout(["a", "empty1"], ["a", "empty1"]))
     good = layout(["a"], ["a"])
-    for bad in (["--accum-steps", "0"], ["--allow-change", "nonsense"], ["--proj", "64-x"], ["--proj", "0"]):
+    for bad in (["--accum-steps", "0"], ["--allow-change", "nonsense"], ["--proj", "64-x"], ["--proj", "0"],
+                ["--vicreg-coeffs", "1,1,1"], ["--loss", "vicreg", "--vicreg-coeffs", "1,1"]):
         with pytest.raises(SystemExit) as exc:
             ti.check_args(ti.parser.parse_args(["--data", good, *bad]))  # main calls it first
         assert exc.value.code == 2  # a parser error, not a traceback

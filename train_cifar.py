@@ -76,6 +76,9 @@ parser.add_argument("--width", type=int, default=64, help="ResNet-18 base width"
 parser.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=True,
                     help="the last batch norm of each residual block starts at 0, so that each block starts "
                          "as its shortcut (as SimSiam's and VICReg's code)")
+parser.add_argument("--vicreg-coeffs", metavar="A,B,C",
+                    help="VICReg's invariance, variance and covariance coefficients (default: its paper's "
+                         "25,25,1)")
 parser.add_argument("--pred-hidden", type=int,
                     help="SimSiam: the predictor's hidden width (default: k/4, SimSiam's 2048-512-2048)")
 parser.add_argument("--augment", default="batched", choices=["batched", "per-image"],
@@ -132,7 +135,8 @@ VICREG_COEFFS = (25.0, 25.0, 1.0)  # invariance, variance, covariance (official 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 # settings added after checkpoints were written, with the value every run before them had: a
 # configuration without one is compared as if it held that value (--resume, bench_images.py's reuse)
-ADDED_SETTINGS = {"fix_pred_lr": False, "zero_init_residual": False, "pred_hidden": None}
+ADDED_SETTINGS = {"fix_pred_lr": False, "zero_init_residual": False, "pred_hidden": None,
+                  "vicreg_coeffs": None}
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -161,9 +165,10 @@ def gather_with_grad(z, world):
     return torch.cat(all_gather_with_grad(z.contiguous())) if world > 1 else z
 
 
-def vicreg_loss(z1, z2, world):
-    """VICReg (Bardes, Ponce & LeCun, ICLR 2022), coefficients 25 / 25 / 1: invariance on the
-    local batch (DDP averages it), variance and covariance on the global batch."""
+def vicreg_loss(z1, z2, world, coeffs=VICREG_COEFFS):
+    """VICReg (Bardes, Ponce & LeCun, ICLR 2022), coefficients (invariance, variance, covariance),
+    its paper's 25 / 25 / 1 by default: invariance on the local batch (DDP averages it), variance and
+    covariance on the global batch."""
     z1, z2 = z1.float(), z2.float()
     inv = F.mse_loss(z1, z2)
     z1, z2 = gather_with_grad(z1, world), gather_with_grad(z2, world)
@@ -174,7 +179,7 @@ def vicreg_loss(z1, z2, world):
         var = var + F.relu(1 - torch.sqrt(zz.var(0) + 1e-4)).mean() / 2
         c = zz.T @ zz / (n - 1)
         cov = cov + (c.square().sum() - c.diagonal().square().sum()) / d
-    a, b, g = VICREG_COEFFS
+    a, b, g = coeffs
     return a * inv + b * var + g * cov
 
 
@@ -192,14 +197,14 @@ def peira_direct_loss(z1, z2, lam, world):
     return peira.peira_objective(gather_with_grad(z1, world), gather_with_grad(z2, world), lam)
 
 
-def ssl_loss(name, z1, z2, p1, p2, peira_loss, lam, world):
+def ssl_loss(name, z1, z2, p1, p2, peira_loss, lam, world, vicreg_coeffs=VICREG_COEFFS):
     if name == "peira":
         return peira_loss(z1, z2)  # running moments, all-reduced inside
     if name == "peira_direct":
         return peira_direct_loss(z1, z2, lam, world)
     if name == "simsiam":
         return simsiam_loss(z1, z2, p1, p2)
-    return vicreg_loss(z1, z2, world)
+    return vicreg_loss(z1, z2, world, vicreg_coeffs)
 
 
 LARS_CONVENTIONS = ("vicreg", "solo-learn")
@@ -285,7 +290,7 @@ def average_gradients(module, world):
 
 
 def train_step(forward, ddp, model, probe, peira_loss, opts, batch, loss_name, lam, eta, accum, clip,
-               world, autocast):
+               world, autocast, vicreg_coeffs=VICREG_COEFFS):
     """Forward and backward of one optimiser step, then the step; returns the loss value.
 
     forward(x1, x2) -> (h1, z1, z2, p1, p2), each view goes through the network in its own
@@ -318,7 +323,7 @@ def train_step(forward, ddp, model, probe, peira_loss, opts, batch, loss_name, l
             b.copy_(saved)
         z1 = torch.cat([o[1] for o in outs]).float().requires_grad_()
         z2 = torch.cat([o[2] for o in outs]).float().requires_grad_()
-        loss = ssl_loss(loss_name, z1, z2, None, None, peira_loss, lam, world)
+        loss = ssl_loss(loss_name, z1, z2, None, None, peira_loss, lam, world, vicreg_coeffs)
         g1, g2 = (g.split([len(o[1]) for o in outs]) for g in torch.autograd.grad(loss, (z1, z2)))
         peira_loss.eta = eta
         peira_loss.update(z1.detach(), z2.detach(), all_reduce=False)  # the monitor: moments only
@@ -332,7 +337,7 @@ def train_step(forward, ddp, model, probe, peira_loss, opts, batch, loss_name, l
                 loss = (g1[j] * z1.float()).sum() + (g2[j] * z2.float()).sum()
             else:
                 peira_loss.eta = eta_micro
-                loss = ssl_loss(loss_name, z1, z2, p1, p2, peira_loss, lam, world)
+                loss = ssl_loss(loss_name, z1, z2, p1, p2, peira_loss, lam, world, vicreg_coeffs)
                 total = total + loss.detach() / accum
                 if loss_name != "peira":  # the monitor: moments only, all-reduced at logging time
                     peira_loss.update(z1.detach(), z2.detach(), all_reduce=False)
@@ -512,9 +517,22 @@ def wrap_for_training(model, args, world, device):
     return ddp, forward, autocast
 
 
+def vicreg_coefficients(text):
+    """--vicreg-coeffs "a,b,c" as VICReg's (invariance, variance, covariance); None: its paper's."""
+    if text is None:
+        return VICREG_COEFFS
+    try:
+        coeffs = tuple(float(c) for c in text.split(","))
+        assert len(coeffs) == 3 and all(math.isfinite(c) and c >= 0 for c in coeffs) and any(coeffs)
+    except (ValueError, AssertionError):
+        raise ValueError(f"--vicreg-coeffs takes three numbers ≥ 0, e.g. 25,25,1 (got {text!r})") from None
+    return coeffs
+
+
 def setting_problems(args):
     """(problems, projector widths) for the settings both scripts check alike: λ, η, the names in
-    --allow-change, --proj; the caller adds its own and reports them all in one parser error."""
+    --allow-change, --vicreg-coeffs, --proj; the caller adds its own and reports them all in one parser
+    error."""
     problems = []
     if not args.lam > 0:
         problems.append(f"--lam must be > 0 (got {args.lam})")
@@ -523,6 +541,13 @@ def setting_problems(args):
     unknown = [k for k in args.allow_change.split(",") if k and k not in vars(args) and k != "world_size"]
     if unknown:
         problems.append(f"--allow-change: unknown settings {', '.join(unknown)}")
+    if args.vicreg_coeffs is not None:
+        if args.loss != "vicreg":
+            problems.append(f"--vicreg-coeffs: --loss {args.loss} is not VICReg")
+        try:
+            vicreg_coefficients(args.vicreg_coeffs)
+        except ValueError as e:
+            problems.append(str(e))
     proj = None
     try:
         proj = [int(d) for d in args.proj.split("-")]
@@ -1006,8 +1031,8 @@ def view_correlations(model, images, lam, seed, epoch, device, rank, world, bf16
     directions pass it, how many of those PEIRA keeps (s > λ²), and lam_max, the λ below which it keeps at
     least KEPT_WARN of them. epoch BEFORE_TRAINING is the untrained network's pass (its seeds, negative
     for seed 0, wrap to 2⁶⁴ − x: no epoch's). With spectrum, also the correlations seen ("corr_seen",
-    descending). Under bf16 the rounding noise, independent between the views, lowers both the correlations and
-    their null a little."""
+    descending). Under bf16 the rounding noise, independent between the views, lowers both the correlations
+    and their null a little."""
     gen = torch.Generator(device=device).manual_seed((seed * 1_000_003 + epoch) * 100_003 + 99_991)
     embed = nn.Sequential(model.backbone, model.projector)
     k = next(m.out_features for m in reversed(model.projector) if isinstance(m, nn.Linear))
@@ -1261,6 +1286,7 @@ def main(argv=None):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # the loss of --loss peira; for the other losses it only monitors (objective, rank, alignment)
     peira_loss = peira.PEIRALoss(proj[-1], lam=args.lam, eta=args.eta_start).to(device)
+    vicreg_coeffs = vicreg_coefficients(args.vicreg_coeffs)
     opt = make_optimizer(model, args)
     probe_opt = torch.optim.SGD(probe.parameters(), lr=PROBE_LR, momentum=0.9)
     start_epoch = restore(ckpt, {"model": model, "probe": probe, "peira": peira_loss, "opt": opt,
@@ -1317,7 +1343,8 @@ def main(argv=None):
                 # forward, loss, PEIRA monitor, backward, step (train_step; the probe is fit per epoch)
                 batch = [t.to(device, non_blocking=True) for t in batch]
                 loss_value, z = train_step(forward, ddp, model, None, peira_loss, (opt, None), batch,
-                                           args.loss, args.lam, eta, 1, clip, world, autocast)
+                                           args.loss, args.lam, eta, 1, clip, world, autocast,
+                                           vicreg_coeffs)
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(f"non-finite loss {loss_value} at step {step} (epoch "
                                              f"{epoch + 1}); the last good checkpoint, if any, is "

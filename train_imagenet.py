@@ -65,6 +65,9 @@ parser.add_argument("--clip", type=float, help="gradient-norm clipping (0: off);
 parser.add_argument("--lam", type=float, default=0.1)
 parser.add_argument("--eta-start", type=float, default=0.9)
 parser.add_argument("--eta-end", type=float, default=0.5)
+parser.add_argument("--vicreg-coeffs", metavar="A,B,C",
+                    help="VICReg's invariance, variance and covariance coefficients (default: its paper's "
+                         "25,25,1)")
 parser.add_argument("--proj", help="projector widths, last = embedding dim k; " + RECIPE)
 parser.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=True,
                     help="the last batch norm of each residual block starts at 0, so that each block starts "
@@ -96,7 +99,7 @@ RECIPES = {
                    proj="8192-8192-8192"),
 }
 # settings added after checkpoints were written, with their earlier value (check_resume)
-ADDED_SETTINGS = {"zero_init_residual": False}
+ADDED_SETTINGS = {"zero_init_residual": False, "vicreg_coeffs": None}
 VICREG_COEFFS = (25.0, 25.0, 1.0)  # invariance, variance, covariance (official VICReg)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -126,9 +129,10 @@ def gather_with_grad(z, world):
     return torch.cat(all_gather_with_grad(z.contiguous())) if world > 1 else z
 
 
-def vicreg_loss(z1, z2, world):
-    """VICReg (Bardes, Ponce & LeCun, ICLR 2022), coefficients 25 / 25 / 1: invariance on the
-    local batch (DDP averages it), variance and covariance on the global batch."""
+def vicreg_loss(z1, z2, world, coeffs=VICREG_COEFFS):
+    """VICReg (Bardes, Ponce & LeCun, ICLR 2022), coefficients (invariance, variance, covariance),
+    its paper's 25 / 25 / 1 by default: invariance on the local batch (DDP averages it), variance and
+    covariance on the global batch."""
     z1, z2 = z1.float(), z2.float()
     inv = F.mse_loss(z1, z2)
     z1, z2 = gather_with_grad(z1, world), gather_with_grad(z2, world)
@@ -139,7 +143,7 @@ def vicreg_loss(z1, z2, world):
         var = var + F.relu(1 - torch.sqrt(zz.var(0) + 1e-4)).mean() / 2
         c = zz.T @ zz / (n - 1)
         cov = cov + (c.square().sum() - c.diagonal().square().sum()) / d
-    a, b, g = VICREG_COEFFS
+    a, b, g = coeffs
     return a * inv + b * var + g * cov
 
 
@@ -157,14 +161,14 @@ def peira_direct_loss(z1, z2, lam, world):
     return peira.peira_objective(gather_with_grad(z1, world), gather_with_grad(z2, world), lam)
 
 
-def ssl_loss(name, z1, z2, p1, p2, peira_loss, lam, world):
+def ssl_loss(name, z1, z2, p1, p2, peira_loss, lam, world, vicreg_coeffs=VICREG_COEFFS):
     if name == "peira":
         return peira_loss(z1, z2)  # running moments, all-reduced inside
     if name == "peira_direct":
         return peira_direct_loss(z1, z2, lam, world)
     if name == "simsiam":
         return simsiam_loss(z1, z2, p1, p2)
-    return vicreg_loss(z1, z2, world)
+    return vicreg_loss(z1, z2, world, vicreg_coeffs)
 
 
 LARS_CONVENTIONS = ("vicreg", "solo-learn")
@@ -250,7 +254,7 @@ def average_gradients(module, world):
 
 
 def train_step(forward, ddp, model, probe, peira_loss, opts, batch, loss_name, lam, eta, accum, clip,
-               world, autocast):
+               world, autocast, vicreg_coeffs=VICREG_COEFFS):
     """Forward and backward of one optimiser step, then the step; returns the loss value.
 
     forward(x1, x2) -> (h1, z1, z2, p1, p2), each view goes through the network in its own
@@ -283,7 +287,7 @@ def train_step(forward, ddp, model, probe, peira_loss, opts, batch, loss_name, l
             b.copy_(saved)
         z1 = torch.cat([o[1] for o in outs]).float().requires_grad_()
         z2 = torch.cat([o[2] for o in outs]).float().requires_grad_()
-        loss = ssl_loss(loss_name, z1, z2, None, None, peira_loss, lam, world)
+        loss = ssl_loss(loss_name, z1, z2, None, None, peira_loss, lam, world, vicreg_coeffs)
         g1, g2 = (g.split([len(o[1]) for o in outs]) for g in torch.autograd.grad(loss, (z1, z2)))
         peira_loss.eta = eta
         peira_loss.update(z1.detach(), z2.detach(), all_reduce=False)  # the monitor: moments only
@@ -297,7 +301,7 @@ def train_step(forward, ddp, model, probe, peira_loss, opts, batch, loss_name, l
                 loss = (g1[j] * z1.float()).sum() + (g2[j] * z2.float()).sum()
             else:
                 peira_loss.eta = eta_micro
-                loss = ssl_loss(loss_name, z1, z2, p1, p2, peira_loss, lam, world)
+                loss = ssl_loss(loss_name, z1, z2, p1, p2, peira_loss, lam, world, vicreg_coeffs)
                 total = total + loss.detach() / accum
                 if loss_name != "peira":  # the monitor: moments only, all-reduced at logging time
                     peira_loss.update(z1.detach(), z2.detach(), all_reduce=False)
@@ -477,9 +481,22 @@ def wrap_for_training(model, args, world, device):
     return ddp, forward, autocast
 
 
+def vicreg_coefficients(text):
+    """--vicreg-coeffs "a,b,c" as VICReg's (invariance, variance, covariance); None: its paper's."""
+    if text is None:
+        return VICREG_COEFFS
+    try:
+        coeffs = tuple(float(c) for c in text.split(","))
+        assert len(coeffs) == 3 and all(math.isfinite(c) and c >= 0 for c in coeffs) and any(coeffs)
+    except (ValueError, AssertionError):
+        raise ValueError(f"--vicreg-coeffs takes three numbers ≥ 0, e.g. 25,25,1 (got {text!r})") from None
+    return coeffs
+
+
 def setting_problems(args):
     """(problems, projector widths) for the settings both scripts check alike: λ, η, the names in
-    --allow-change, --proj; the caller adds its own and reports them all in one parser error."""
+    --allow-change, --vicreg-coeffs, --proj; the caller adds its own and reports them all in one parser
+    error."""
     problems = []
     if not args.lam > 0:
         problems.append(f"--lam must be > 0 (got {args.lam})")
@@ -488,6 +505,13 @@ def setting_problems(args):
     unknown = [k for k in args.allow_change.split(",") if k and k not in vars(args) and k != "world_size"]
     if unknown:
         problems.append(f"--allow-change: unknown settings {', '.join(unknown)}")
+    if args.vicreg_coeffs is not None:
+        if args.loss != "vicreg":
+            problems.append(f"--vicreg-coeffs: --loss {args.loss} is not VICReg")
+        try:
+            vicreg_coefficients(args.vicreg_coeffs)
+        except ValueError as e:
+            problems.append(str(e))
     proj = None
     try:
         proj = [int(d) for d in args.proj.split("-")]
@@ -786,6 +810,7 @@ def main(argv=None):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # the loss of --loss peira; with --loss vicreg it only monitors the PEIRA objective (train_step)
     peira_loss = peira.PEIRALoss(proj[-1], lam=args.lam, eta=args.eta_start).to(device)
+    vicreg_coeffs = vicreg_coefficients(args.vicreg_coeffs)
     opt = LARS(model.parameters(), lr=args.lr, weight_decay=args.wd, convention=args.lars)
     probe_opt = torch.optim.SGD(probe.parameters(), lr=0.1, momentum=0.9)
     start_epoch = restore(ckpt, {"model": model, "probe": probe, "peira": peira_loss, "opt": opt,
@@ -819,7 +844,7 @@ def main(argv=None):
                 x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
                 loss_value, _ = train_step(forward, ddp, model, probe, peira_loss, (opt, probe_opt),
                                            (x1, x2, y), args.loss, args.lam, eta, args.accum_steps,
-                                           args.clip, world, autocast)
+                                           args.clip, world, autocast, vicreg_coeffs)
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(f"non-finite loss {loss_value} at step {step} "
                                              f"(epoch {epoch + 1}); the last good checkpoint, if any, "
