@@ -1393,6 +1393,48 @@ def test_image_benchmark_statistics_and_trials(capsys):
     assert float(argv[argv.index("--lr") + 1]) == 0.24 * 64 / 256  # the trial's batch, not SETTING's
 
 
+def test_image_benchmark_tune_settles_near_ties_with_a_second_seed(tmp_path, monkeypatch, capsys):
+    """--tune: trials within TIE_MARGIN of their loss's best seed-0 probe run again with TIE_SEED, and
+    the mean over both seeds chooses (here the runner-up on seed 0); a loss without a near tie keeps its
+    seed-0 best and runs nothing twice. Runs and evaluations are stand-ins with set probes."""
+    trials = bench_images.TRIALS
+    margin = bench_images.TIE_MARGIN
+    probe = {}  # (label, seed) → the stand-in's probe
+    for loss, tied in (("peira", False), ("simsiam", True), ("vicreg", True)):
+        names = [bench_images.trial_name(loss, t) for t in trials[loss]]
+        for name in names:
+            probe[name, 0], probe[name, 1] = 0.3, 0.3
+        probe[names[0], 0], probe[names[0], 1] = 0.5, 0.4
+        probe[names[1], 0] = 0.5 - (margin / 2 if tied else 2 * margin)
+        probe[names[1], 1] = 0.5
+    trained = []
+
+    def fake_train(argv):
+        out = argv[argv.index("--out") + 1]
+        trained.append(os.path.basename(out))
+        return [{"epoch": e, "knn": 0.2, "rank_N": 4.0, "alignment": 0.1, "objective": -e, "epoch_time": 1.0,
+                 "signal_dims": 3, "null_level": 0.2} for e in (1, 2)]
+
+    def fake_evaluation(out, splits, probe_epochs):
+        name, seed = os.path.basename(out).rsplit("-seed", 1)
+        return {"linear_probe": probe[name, int(seed)], "knn_k20": 0.2, "knn_k200": 0.2}
+
+    monkeypatch.setattr(bench_images, "train_run", fake_train)
+    monkeypatch.setattr(bench_images, "evaluate_run", fake_evaluation)
+    monkeypatch.setattr(bench_images, "references", lambda *a, **k: {})
+    bench_images.main(["--dataset", "digits", "--tune", "--out", str(tmp_path)])
+    with open(tmp_path / "tuned.json") as fh:
+        choice = json.load(fh)["choice"]
+    assert choice["peira"] == trials["peira"][0]  # 0.5 on seed 0, no trial within the margin
+    for loss in ("simsiam", "vicreg"):  # 0.45 mean against 0.5 − margin / 2 and 0.5: the runner-up
+        assert choice[loss] == trials[loss][1]
+    twice = sorted(name for name in trained if name.endswith(f"-seed{bench_images.TIE_SEED}"))
+    assert twice == sorted(f"{bench_images.trial_name(loss, t)}-seed{bench_images.TIE_SEED}"
+                           for loss in ("simsiam", "vicreg") for t in trials[loss][:2])
+    assert len(trained) == sum(len(t) for t in trials.values()) + 4
+    assert "mean of seeds 0 and 1, a near tie" in capsys.readouterr().out
+
+
 def test_image_benchmark_trial_flag(capsys):
     """--trial: a loss and train_cifar.py flags, which override SETTING's; the benchmark's own settings,
     a missing loss and bad JSON are refused with what is wrong, as are --tune or --losses beside it."""
