@@ -110,9 +110,10 @@ TRIALS = {
 # lr 1.0, on the validation split; never a candidate (the runs it shares with TRIALS are reused)
 LAM_SWEEP, LAM_SWEEP_LR = (0.03, 0.1, 0.3, 0.5, 0.7), 1.0
 # --tune's near ties: trials whose seed-0 probe is within TIE_MARGIN of their loss's best run again with
-# TIE_SEED, and the mean over both seeds chooses. Two single runs differ by about 2 points by chance (the
-# test runs' std over seeds is 0.4-1.1 points, so √2 times that for a difference); added when SimSiam's
-# two best trials came 0.7 points apart on seed 0 and the other way round on seed 1 (README)
+# TIE_SEED, and the mean over both seeds chooses. Two single runs differ by up to about 2 points by chance
+# (the test runs' std over seeds is 0.4-1.1 points, so 0.6-1.6 for a difference: 2 points is about its
+# 95% bound at the middle); added when SimSiam's two best trials came 0.7 points apart on seed 0 and the
+# other way round on seed 1 (README)
 TIE_MARGIN, TIE_SEED = 0.02, 1
 KNN_SETTINGS = {"knn_k20": (20, 0.07), "knn_k200": (200, 0.1)}
 # the runs' view correlations (train_cifar.py --view-corr-every): before training, after epoch 1, every 5
@@ -465,11 +466,12 @@ def plot_lam_sweep(rows, initial, out):
     plt.close(fig)
 
 
-def near_ties(trials, probe):
-    """The trials (of one loss) whose probe (seed 0) is within TIE_MARGIN of the best; probe(trial) →
-    its validation linear probe. Only the best when no other comes that close."""
-    best = max(probe(t) for t in trials)
-    return [t for t in trials if probe(t) >= best - TIE_MARGIN]
+def near_ties(loss, groups):
+    """The trials of `loss` whose validation probe on seed 0 (the first of groups[label]) is within
+    TIE_MARGIN of its best, bound included (the probes are float32 fractions); only the best when no
+    other comes that close."""
+    probe = [groups[trial_name(loss, t)][0]["linear_probe"] for t in TRIALS[loss]]
+    return [t for t, p in zip(TRIALS[loss], probe) if p >= max(probe) - TIE_MARGIN - 1e-6]
 
 
 def mean_probe(rows):
@@ -546,9 +548,10 @@ def main(argv=None):
     ties = {}
     if args.tune:  # near ties on seed 0: run again with TIE_SEED
         for loss in losses:
-            ties[loss] = near_ties(TRIALS[loss], lambda t: groups[trial_name(loss, t)][0]["linear_probe"])
-            for trial in ties[loss] if len(ties[loss]) > 1 else []:
-                run(loss, trial, TIE_SEED)
+            ties[loss] = near_ties(loss, groups)
+            if len(ties[loss]) > 1:
+                for trial in ties[loss]:
+                    run(loss, trial, TIE_SEED)
     refs = references(splits, setting, args.probe_epochs)
     initial = initial_views(splits, setting) if args.lam_sweep else None  # the λ figure's line
 
@@ -578,6 +581,7 @@ def main(argv=None):
         with open(tuned_path, "w") as fh:
             json.dump(tuned, fh, indent=1)
         result["tuned"] = tuned
+        result["near_ties"] = {"seed": TIE_SEED, "trials": {k: t for k, t in ties.items() if len(t) > 1}}
     elif args.lam_sweep:
         plot_lam_sweep([groups[trial_name("peira", t)][0] for t in lam_sweep_runs()], initial, args.out)
     elif args.trial:

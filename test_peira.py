@@ -1395,18 +1395,19 @@ def test_image_benchmark_statistics_and_trials(capsys):
 
 def test_image_benchmark_tune_settles_near_ties_with_a_second_seed(tmp_path, monkeypatch, capsys):
     """--tune: trials within TIE_MARGIN of their loss's best seed-0 probe run again with TIE_SEED, and
-    the mean over both seeds chooses (here the runner-up on seed 0); a loss without a near tie keeps its
-    seed-0 best and runs nothing twice. Runs and evaluations are stand-ins with set probes."""
-    trials = bench_images.TRIALS
-    margin = bench_images.TIE_MARGIN
+    the mean over both seeds chooses (here a trial that neither seed alone would pick); a loss without a
+    near tie keeps its seed-0 best and runs nothing twice. Each loss has its own level, so that a best
+    taken across losses would choose wrongly. Runs and evaluations are stand-ins with set probes."""
+    trials, margin, tie_seed = bench_images.TRIALS, bench_images.TIE_MARGIN, bench_images.TIE_SEED
     probe = {}  # (label, seed) → the stand-in's probe
-    for loss, tied in (("peira", False), ("simsiam", True), ("vicreg", True)):
+    for loss, tied, level in (("peira", False, 0.5), ("simsiam", True, 0.4), ("vicreg", True, 0.5)):
         names = [bench_images.trial_name(loss, t) for t in trials[loss]]
         for name in names:
-            probe[name, 0], probe[name, 1] = 0.3, 0.3
-        probe[names[0], 0], probe[names[0], 1] = 0.5, 0.4
-        probe[names[1], 0] = 0.5 - (margin / 2 if tied else 2 * margin)
-        probe[names[1], 1] = 0.5
+            probe[name, 0], probe[name, 1] = level - 0.2, level - 0.2
+        # seed 0 alone picks the first, seed 1 alone the second, their mean the third
+        probe[names[0], 0], probe[names[0], 1] = level, level - 0.1
+        probe[names[1], 0], probe[names[1], 1] = level - (0.75 if tied else 2) * margin, level
+        probe[names[2], 0], probe[names[2], 1] = level - (0.25 if tied else 2) * margin, level - 0.005
     trained = []
 
     def fake_train(argv):
@@ -1422,17 +1423,17 @@ def test_image_benchmark_tune_settles_near_ties_with_a_second_seed(tmp_path, mon
     monkeypatch.setattr(bench_images, "train_run", fake_train)
     monkeypatch.setattr(bench_images, "evaluate_run", fake_evaluation)
     monkeypatch.setattr(bench_images, "references", lambda *a, **k: {})
-    bench_images.main(["--dataset", "digits", "--tune", "--out", str(tmp_path)])
+    result = bench_images.main(["--dataset", "digits", "--tune", "--out", str(tmp_path)])
     with open(tmp_path / "tuned.json") as fh:
         choice = json.load(fh)["choice"]
-    assert choice["peira"] == trials["peira"][0]  # 0.5 on seed 0, no trial within the margin
-    for loss in ("simsiam", "vicreg"):  # 0.45 mean against 0.5 − margin / 2 and 0.5: the runner-up
-        assert choice[loss] == trials[loss][1]
-    twice = sorted(name for name in trained if name.endswith(f"-seed{bench_images.TIE_SEED}"))
-    assert twice == sorted(f"{bench_images.trial_name(loss, t)}-seed{bench_images.TIE_SEED}"
-                           for loss in ("simsiam", "vicreg") for t in trials[loss][:2])
-    assert len(trained) == sum(len(t) for t in trials.values()) + 4
-    assert "mean of seeds 0 and 1, a near tie" in capsys.readouterr().out
+    assert choice == {"peira": trials["peira"][0], "simsiam": trials["simsiam"][2],
+                      "vicreg": trials["vicreg"][2]}
+    twice = sorted(name for name in trained if name.endswith(f"-seed{tie_seed}"))
+    assert twice == sorted(f"{bench_images.trial_name(loss, t)}-seed{tie_seed}"
+                           for loss in ("simsiam", "vicreg") for t in trials[loss][:3])
+    assert len(trained) == sum(len(t) for t in trials.values()) + 6
+    assert result["near_ties"]["trials"] == {loss: trials[loss][:3] for loss in ("simsiam", "vicreg")}
+    assert f"mean of seeds 0 and {tie_seed}, a near tie" in capsys.readouterr().out
 
 
 def test_image_benchmark_trial_flag(capsys):
