@@ -474,10 +474,6 @@ def near_ties(loss, groups):
     return [t for t, p in zip(TRIALS[loss], probe) if p >= max(probe) - TIE_MARGIN - 1e-6]
 
 
-def mean_probe(rows):
-    return sum(r["linear_probe"] for r in rows) / len(rows)
-
-
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
@@ -573,11 +569,12 @@ def main(argv=None):
             if saved.get("setting") == setting:
                 tuned = saved
         for loss in losses:
-            best = max(ties[loss], key=lambda t: mean_probe(groups[trial_name(loss, t)]))
+            best = max(ties[loss], key=lambda t: mean_std(groups[trial_name(loss, t)], "linear_probe")[0])
             tuned["choice"][loss] = best
             rows = groups[trial_name(loss, best)]
             how = f"mean of seeds 0 and {TIE_SEED}, a near tie" if len(rows) > 1 else "seed 0"
-            print(f"{loss}: chosen {best} (validation linear probe {100 * mean_probe(rows):.1f}%, {how})")
+            probe = mean_std(rows, "linear_probe")[0]
+            print(f"{loss}: chosen {best} (validation linear probe {100 * probe:.1f}%, {how})")
         with open(tuned_path, "w") as fh:
             json.dump(tuned, fh, indent=1)
         result["tuned"] = tuned
