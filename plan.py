@@ -399,7 +399,7 @@ def print_seed_summary(groups):
         spread = sum((v - mean) ** 2 for v in values)
         std = math.sqrt(spread / (len(values) - 1)) if len(values) > 1 else math.nan
         print(f"| {objective} | {','.join(map(str, sorted(seeds)))} | {100 * mean:.1f} ± {100 * std:.1f}% |")
-    if "peira" in groups:
+    if "peira" in groups and len(groups) > 1:  # no table without another objective to pair with
         print("\n| paired difference over seeds | points (95% interval) |\n|---|---|")
         for objective, seeds in groups.items():
             if objective != "peira":
@@ -442,13 +442,14 @@ def main(argv=None):
     if not args.replan <= args.horizon:
         parser.error("need --replan ≤ --horizon")
     models = load_models(args.models)
-    if args.cost == "regressed":  # only PEIRA's checkpoints hold a regressor P
+    if args.cost == "regressed":  # only PEIRA's checkpoints with pooled moments hold a regressor P
         plain = [name for name, (_, regressor) in models.items() if regressor is None]
         if len(plain) == len(models):
-            parser.error(f"--cost regressed needs a PEIRA model (its regressor P); {args.models} has none")
+            parser.error(f"--cost regressed needs a PEIRA model with pooled moments (two_rooms.py --moments "
+                         f"pooled), which saves its regressor P; {args.models} has none")
         if plain:
-            print(f"warning: --cost regressed applies to PEIRA's models only; {', '.join(plain)} planned "
-                  "with ‖ẑ − z_goal‖")
+            print(f"warning: --cost regressed applies to PEIRA's models with pooled moments only; "
+                  f"{', '.join(plain)} planned with ‖ẑ − z_goal‖")
     os.makedirs(args.out, exist_ok=True)
     starts, goals = tr.start_goal_pairs(args.episodes, args.seed)
 

@@ -2121,6 +2121,9 @@ def test_two_rooms_and_plan_end_to_end(tmp_path):
         assert (tmp_path / f"{name}.pt").exists() and (tmp_path / f"{name}.png").exists()
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {h["model"] for h in logged if "prediction_error" in h} == {"peira", "pldm", "lewm"}
+    peira_last = next(h for h in logged if h["model"] == "peira" and "prediction_error" in h)
+    spectra = peira_last["regressor_eigenvalues_by_horizon"]  # the default: a regressor per horizon
+    assert len(spectra) == tr.parser.get_default("horizon") and {len(s) for s in spectra} == {32}
     rows = plan.main(["--models", str(tmp_path), "--episodes", "4", "--out", str(tmp_path / "plan"),
                       "--samples", "16", "--horizon", "8"])
     methods = [r["method"] for r in rows]
@@ -2220,10 +2223,11 @@ def test_sigreg_draws_1024_directions_and_integrates_over_both_signs_of_t():
 
 @pytest.fixture(scope="module")
 def tiny_two_rooms(tmp_path_factory):
-    """PEIRA and LeWM world models, seed 0, trained 2 steps on 16 trajectories."""
+    """PEIRA (pooled moments: its checkpoint holds its regressor) and LeWM world models, seed 0, trained 2
+    steps on 16 trajectories."""
     out = tmp_path_factory.mktemp("two_rooms")
     tr.main(["--out", str(out), "--losses", "peira,lewm", "--steps", "2", "--trajectories", "16", "--length",
-             "24", "--batch-size", "4", "--latent", "8"])
+             "24", "--batch-size", "4", "--latent", "8", "--moments", "pooled"])
     return out
 
 
@@ -2335,7 +2339,7 @@ def test_plan_and_two_rooms_reject_nonsense_flags(tiny_two_rooms, tmp_path, caps
     monkeypatch.setattr(plan, "figure", lambda *args: None)
     monkeypatch.setattr(plan, "distance_maps", lambda *args: None)
     plan.main(["--models", f"{tiny_two_rooms / 'peira.pt'},{tiny_two_rooms / 'lewm.pt'}", *flags])
-    assert "warning: --cost regressed applies to PEIRA's models only; lewm planned" in capsys.readouterr().out
+    assert "applies to PEIRA's models with pooled moments only; lewm planned" in capsys.readouterr().out
 
 
 def test_plan_summarises_objectives_over_training_seeds(capsys):
@@ -2359,4 +2363,7 @@ def test_plan_summarises_objectives_over_training_seeds(capsys):
     plan.print_seed_summary(groups)
     out = capsys.readouterr().out
     assert "| peira | 0,1,2 | 92.3 ± 2.5% |" in out and f"| peira − pldm | {100 * mean:+.1f} [" in out
+    plan.print_seed_summary({"peira": groups["peira"]})  # PEIRA alone: its summary, no empty pair table
+    out = capsys.readouterr().out
+    assert "| peira | 0,1,2 | 92.3 ± 2.5% |" in out and "paired difference" not in out
 
