@@ -56,7 +56,8 @@ parser.add_argument("--replan", type=int, default=1, help="plan every this many 
 parser.add_argument("--time-cost", type=float, default=0.01,
                     help="cost per step of the plan, relative to the current distance to the goal")
 parser.add_argument("--cost", default="latent", choices=("latent", "regressed"),
-                    help="PEIRA's cost: ‖ẑ − z_goal‖ or ‖Pẑ − z_goal‖ with its regressor P (pooled moments only)")
+                    help="PEIRA's cost: ‖ẑ − z_goal‖ or ‖Pẑ − z_goal‖ with its regressor P (models with "
+                         "pooled moments only)")
 parser.add_argument("--summary", default="",
                     help="plan nothing: success over training seeds (mean ± std, paired differences) from "
                          "the rows of these comma-separated plan.json files, planned with the same settings "

@@ -593,8 +593,10 @@ def train(name, args, pos, actions, held_out, device):
     if name == "peira":
         spectra = [torch.linalg.eigvals(loss_h.P.double()).real.sort(descending=True).values.tolist()
                    for loss_h in peira_losses]
-        key = "regressor_eigenvalues" if args.moments == "pooled" else "regressor_eigenvalues_by_horizon"
-        history[-1][key] = spectra[0] if args.moments == "pooled" else spectra
+        if args.moments == "pooled":
+            history[-1]["regressor_eigenvalues"] = spectra[0]
+        else:
+            history[-1]["regressor_eigenvalues_by_horizon"] = spectra
 
     # checkpoint (written whole, then renamed), metrics, figure
     path = os.path.join(args.out, f"{label}.pt")
