@@ -7,6 +7,7 @@ preprint, 2025, arXiv:2502.14819).
     python plan.py                              # every <model>.pt in out/two_rooms, 100 episodes
     python plan.py --models out/two_rooms/peira.pt --episodes 20
     python plan.py --seed 500                   # validation pairs: tune here, report --seed 1000
+    python plan.py --remember-blocked           # a move seen blocked is not tried again from there
     python plan.py --summary out/plan/plan.json,out/plan_peira/plan.json   # rows of two runs, summarised
 
 Planner (model-predictive control by random shooting): every step, --samples piecewise-constant sequences
@@ -21,9 +22,12 @@ planner on the real dynamics with the wall-blind distance of positions, the idea
 position: its success is the planner's ceiling, so a reader can tell planner from model. All episodes are
 planned as one batch. Each row draws from its own generator, seeded from --seed and the row's name: a
 row's success and paths are the same planned alone or with others.
-Beside the success table: success by the length of the shortest path (the pairs in thirds), and how
-far each model's latent distance points the way (distance_profile: its rank correlation with the true
-steps to a goal over the arena, against a shuffled null, and where it stops rising).
+With --remember-blocked, a move after which the observation did not change (into a wall the model
+believed passable) is not tried again from there in that episode.
+Beside the success table: success by the length of the shortest path (the pairs in thirds), the
+failures by kind (failure_kinds: near the goal, pushing against a wall, elsewhere), and how far each
+model's latent distance points the way (distance_profile: its rank correlation with the true steps to
+a goal over the arena, against a shuffled null, and where it stops rising).
 Writes --out/plan.json, --out/trajectories.png and --out/distance_maps.png (each model's latent
 distance to one goal over the arena).
 """
@@ -53,6 +57,9 @@ parser.add_argument("--horizon", type=int, default=64, help="planning horizon (a
 parser.add_argument("--samples", type=int, default=256, help="action sequences scored per step")
 parser.add_argument("--segments", type=int, default=3, help="constant-action segments per sequence")
 parser.add_argument("--replan", type=int, default=1, help="plan every this many steps")
+parser.add_argument("--remember-blocked", action=argparse.BooleanOptionalAction, default=False,
+                    help="an action after which the observation did not change (a move into a wall) is not "
+                         "taken again from that observation in the episode")
 parser.add_argument("--time-cost", type=float, default=0.01,
                     help="cost per step of the plan, relative to the current distance to the goal")
 parser.add_argument("--cost", default="latent", choices=("latent", "regressed"),
@@ -80,6 +87,9 @@ class Planner:
     A sequence's cost is the smallest predicted distance to the goal along it, relative to the
     current one, plus --time-cost per step taken to get there: a minimum, not a sum, so that a
     detour through the door is not outweighed by the steps spent walking away from the goal.
+    With --remember-blocked, a move after which the episode's observation did not change is never
+    again the first action of a plan from that observation (positions stand for the observations,
+    which they determine).
     distances(pos, episodes, seq) → ((E, S, H) predicted distances to the goal after each action,
     (E,) the current distances)."""
 
@@ -87,6 +97,9 @@ class Planner:
         self.distances, self.args, self.gen = distances, args, gen
         self.best = torch.zeros(episodes, args.horizon, dtype=torch.long)
         self.age = torch.full((episodes,), -1)  # steps since the last plan; −1: none yet
+        # --remember-blocked: each episode's last position and action, and {position: blocked actions}
+        self.last_pos, self.last_action = torch.zeros(episodes, 2), torch.full((episodes,), -1)
+        self.blocked = [{} for _ in range(episodes)]
 
     def plan(self, pos, episodes):
         args = self.args
@@ -100,6 +113,11 @@ class Planner:
         steps = torch.arange(1, args.horizon + 1, dtype=predicted.dtype)
         relative = predicted / current[:, None, None].clamp_min(1e-8)
         cost = (relative + args.time_cost * steps).amin(-1)                            # (E, S)
+        if args.remember_blocked:  # no sequence starts with a move already seen blocked from here
+            banned = torch.zeros(len(pos), 4, dtype=torch.bool)
+            for row, (e, key) in enumerate(zip(episodes.tolist(), map(tuple, pos.tolist()))):
+                banned[row, list(self.blocked[e].get(key, ()))] = True
+            cost = cost.masked_fill(banned.gather(1, seq[:, :, 0]), math.inf)
         # keep the cheapest sequence; its first action is taken now
         self.best[episodes] = seq[torch.arange(len(pos)), cost.argmin(1)]
         self.age[episodes] = 0
@@ -107,10 +125,19 @@ class Planner:
     def __call__(self, pos, episodes):
         # plan again for the episodes with no plan yet or a plan --replan steps old
         due = (self.age[episodes] < 0) | (self.age[episodes] >= self.args.replan)
+        if self.args.remember_blocked:
+            # a move that left the observation as it was hit a wall the model did not foresee (at
+            # 16 px, e.g. the door's edge, a fraction of a pixel away): remember it, and plan again
+            stuck = (self.last_action[episodes] >= 0) & (pos == self.last_pos[episodes]).all(1)
+            for e, key, action in zip(episodes[stuck].tolist(), map(tuple, pos[stuck].tolist()),
+                                      self.last_action[episodes[stuck]].tolist()):
+                self.blocked[e].setdefault(key, set()).add(action)
+            due |= stuck
         if due.any():
             self.plan(pos[due], episodes[due])
         action = self.best[episodes, self.age[episodes]]
         self.age[episodes] += 1
+        self.last_pos[episodes], self.last_action[episodes] = pos, action
         return action
 
 
@@ -255,6 +282,25 @@ def run_episodes(policy, starts, goals):
         done |= reached
         paths.append(pos.clone())
     return done, steps, torch.stack(paths, 1), seconds / max(len(paths) - 1, 1)
+
+
+FAILURE_KINDS = ("came within 2 steps", "against a wall", "elsewhere")
+
+
+def failure_kinds(success, paths, field):
+    """Why the failed episodes failed, each counted once, in FAILURE_KINDS' order: the agent came
+    within 2 steps of the goal (of counting as reached) and did not finish; it spent at least half of
+    its last 40 moves pushing against a wall or the border (the move blocked, the position unchanged:
+    the model believed it passable, e.g. the door's edge, a fraction of a pixel away at 16 px); or it
+    failed elsewhere (wandering, or circling far from the goal). paths (E, T + 1, 2) from run_episodes."""
+    failed = (~success).nonzero().flatten()
+    if not len(failed):
+        return dict.fromkeys(FAILURE_KINDS, 0)
+    near = field(paths[failed], failed).amin(1) <= 2
+    last = paths[failed, -41:]
+    pushing = (last[:, 1:] == last[:, :-1]).all(-1).float().mean(1) >= 0.5
+    counts = (int(near.sum()), int((pushing & ~near).sum()), int((~pushing & ~near).sum()))
+    return dict(zip(FAILURE_KINDS, counts))
 
 
 def wilson(k, n, z=1.96):
@@ -480,7 +526,8 @@ def main(argv=None):
                      "mean_steps": steps[success].float().mean().item() if successes else None,
                      "plan_ms_per_step": 1e3 * per_step,
                      "success_by_length": [success[third == i].float().mean().item() if (third == i).any()
-                                           else None for i in range(3)]})
+                                           else None for i in range(3)],
+                     "failures": failure_kinds(success, path, field)})
         paths[name] = path
     for name, (model, _) in models.items():  # how far each model's latent distance points the way
         embed = lambda pos, model=model: model.encode(tr.render(pos, model.res))  # noqa: E731
@@ -502,6 +549,10 @@ def main(argv=None):
     for row in rows:
         print(f"| {row['method']} | " + " | ".join("—" if s is None else f"{100 * s:.0f}%"
                                                    for s in row["success_by_length"]) + " |")
+    print(f"\n| method | failures | {' | '.join(FAILURE_KINDS)} |\n|---|---|---|---|---|")
+    for row in rows:
+        counts = row["failures"].values()
+        print(f"| {row['method']} | {sum(counts)} | " + " | ".join(str(n) for n in counts) + " |")
     bands = [f"{a}–{b - 1}" for a, b in zip(STEP_BANDS, STEP_BANDS[1:])] + [f"≥ {STEP_BANDS[-1]}"]
     print(f"\nLatent distance ‖z(x) − z_goal‖ against true steps from x to the goal, over the arena, "
           f"{min(PROFILE_GOALS, len(goals))} goals; its mean by band of true steps, as a fraction of the "

@@ -2091,6 +2091,69 @@ def test_planner_with_the_true_dynamics_reaches_95_percent_of_cross_room_pairs()
     assert (steps >= oracle_steps).all()  # nothing beats the shortest path
 
 
+def test_planner_remembers_the_moves_a_wall_blocked():
+    """A model blind to the wall (positions move freely; cost: the distance to a goal across it) walks
+    into the wall and, by default, pushes against it for the rest of the episode. With
+    --remember-blocked no move is tried again from where it was blocked (the model still believes the
+    wall passable from elsewhere: the agent then walks up and down along it)."""
+    starts, goals = torch.tensor([[24.0, 40.0]]), torch.tensor([[40.0, 40.0]])
+
+    def wall_blind(pos, episodes, seq):
+        position, out = pos[:, None].expand(-1, seq.shape[1], -1), []
+        for t in range(seq.shape[2]):
+            position = position + tr.STEP * tr.MOVES[seq[:, :, t]]
+            out.append((position - goals[episodes, None]).norm(dim=-1))
+        return torch.stack(out, -1), (pos - goals[episodes]).norm(dim=-1)
+
+    def run(flags):
+        args = plan.parser.parse_args(["--horizon", "16", "--samples", "32"] + flags)
+        planner = plan.Planner(wall_blind, 1, args, torch.Generator().manual_seed(0))
+        actions = []
+
+        def policy(pos, episodes):
+            actions.append(planner(pos, episodes).item())
+            return torch.tensor([actions[-1]])
+        _, _, path, _ = plan.run_episodes(policy, starts, goals)
+        path = path[0]
+        blocked = [(tuple(path[t].tolist()), action) for t, action in enumerate(actions)
+                   if torch.equal(path[t + 1], path[t])]  # (where, which move) of every blocked move
+        return path, blocked
+
+    path, blocked = run([])
+    assert len(blocked) > 150 and len(set(blocked)) == 1  # one move into the wall, again and again
+    path, blocked = run(["--remember-blocked"])
+    assert blocked and len(set(blocked)) == len(blocked)  # each blocked move tried once from a position
+
+
+def test_failure_kinds_tell_near_misses_walls_and_wandering_apart():
+    """Four episodes from (20, 40) to (44, 40), across the wall: one walks the shortest path to 2 steps
+    from the goal and then steps back and forth; one pushes right into the wall from step 4 on; one
+    walks up and down in its room; one succeeds (not a failure)."""
+    starts, goals = torch.tensor([[20.0, 40.0]]).repeat(4, 1), torch.tensor([[44.0, 40.0]]).repeat(4, 1)
+    field = plan.DistanceField(starts, goals)
+    up, down, right = 0, 1, 3
+    pos, near = starts[:1], []
+    while field(pos, torch.tensor([0])).item() > 2:  # the shortest path, to 2 steps from the goal
+        pos = tr.move(pos, plan.oracle_action(field, pos, torch.tensor([0])))
+        near.append(pos[0])
+    near = near + [near[-2], near[-1]] * tr.MAX_STEPS
+
+    def walk(actions):
+        pos, out = starts[0], [starts[0]]
+        for a in actions:
+            pos = tr.move(pos, torch.tensor(a))
+            out.append(pos)
+        return torch.stack(out)
+    paths = torch.stack([torch.cat([starts[:1], torch.stack(near)])[:tr.MAX_STEPS + 1],
+                         walk([right] * tr.MAX_STEPS), walk([up, down] * (tr.MAX_STEPS // 2)),
+                         walk([right] * tr.MAX_STEPS)])
+    success = torch.tensor([False, False, False, True])
+    assert (paths[1, 5:] == paths[1, 4]).all()  # the wall stops it at x = 28
+    kinds = plan.failure_kinds(success, paths, field)
+    assert kinds == {"came within 2 steps": 1, "against a wall": 1, "elsewhere": 1}
+    assert plan.failure_kinds(torch.ones(4, dtype=torch.bool), paths, field) == dict.fromkeys(kinds, 0)
+
+
 def test_distance_profile_reads_how_far_a_latent_distance_keeps_rising():
     """distance_profile on embeddings made of the true steps to the goal: z = steps correlates with them
     perfectly and rises to the farthest band (basin radius 48); z = min(steps, 20) is flat beyond 20
