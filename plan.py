@@ -42,6 +42,7 @@ import time
 import zlib
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import two_rooms as tr
@@ -161,13 +162,15 @@ def latent_distances(model, goals, regressor=None):
     @torch.no_grad()
     def distances(pos, episodes, seq):
         n_episodes, n_samples, horizon = seq.shape
-        z0 = model.encode(tr.render(pos, model.res))
-        pred = model.rollout(z0.repeat_interleave(n_samples, 0), seq.reshape(n_episodes * n_samples, horizon))
-        pred = pred.reshape(n_episodes, n_samples, horizon, -1)
-        if regressor is not None:
-            pred = pred @ regressor.T
-        goal = goal_z[episodes]
-        return (pred - goal[:, None, None]).norm(dim=-1), (z0 - goal).norm(dim=-1)
+        z0, goal = model.encode(tr.render(pos, model.res)), goal_z[episodes]
+        # the rollout of model.rollout, one distance per step kept instead of every embedding
+        z, goal_rows = z0.repeat_interleave(n_samples, 0), goal.repeat_interleave(n_samples, 0)
+        onehot = F.one_hot(seq.reshape(n_episodes * n_samples, horizon), 4).to(z.dtype)
+        out = z.new_empty(len(z), horizon)
+        for t in range(horizon):
+            z = model.step(z, onehot[:, t])
+            out[:, t] = ((z if regressor is None else z @ regressor.T) - goal_rows).norm(dim=-1)
+        return out.reshape(n_episodes, n_samples, horizon), (z0 - goal).norm(dim=-1)
     return distances
 
 

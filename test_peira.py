@@ -2091,6 +2091,28 @@ def test_planner_with_the_true_dynamics_reaches_95_percent_of_cross_room_pairs()
     assert (steps >= oracle_steps).all()  # nothing beats the shortest path
 
 
+@pytest.mark.parametrize("regressed", [False, True])
+def test_latent_distances_equal_those_of_the_model_rollout(regressed):
+    """plan.latent_distances keeps one distance per step of its rollout: the same numbers as the
+    distances of model.rollout's embeddings (through a regressor P: the same to rounding)."""
+    torch.manual_seed(0)
+    model = tr.WorldModel(16, 8).eval()
+    starts, goals = tr.start_goal_pairs(3, 0)
+    seq = plan.segment_sequences(3, 5, 7, 3, torch.Generator().manual_seed(0))
+    regressor = torch.randn(8, 8) if regressed else None
+    predicted, current = plan.latent_distances(model, goals, regressor)(starts, torch.arange(3), seq)
+    with torch.no_grad():
+        z0, goal = model.encode(tr.render(starts, 16)), model.encode(tr.render(goals, 16))
+        pred = model.rollout(z0.repeat_interleave(5, 0), seq.reshape(15, 7)).reshape(3, 5, 7, 8)
+        pred = pred if regressor is None else pred @ regressor.T
+        expected = (pred - goal[:, None, None]).norm(dim=-1)
+    assert torch.equal(current, (z0 - goal).norm(dim=-1))
+    if regressed:
+        torch.testing.assert_close(predicted, expected, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(predicted, expected)
+
+
 def test_planner_remembers_the_moves_a_wall_blocked():
     """A model blind to the wall (positions move freely; cost: the distance to a goal across it) walks
     into the wall and, by default, pushes against it for the rest of the episode. With
