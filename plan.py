@@ -59,8 +59,8 @@ parser.add_argument("--samples", type=int, default=256, help="action sequences s
 parser.add_argument("--segments", type=int, default=3, help="constant-action segments per sequence")
 parser.add_argument("--replan", type=int, default=1, help="plan every this many steps")
 parser.add_argument("--remember-blocked", action=argparse.BooleanOptionalAction, default=False,
-                    help="an action after which the observation did not change (a move into a wall) is not "
-                         "taken again from that observation in the episode")
+                    help="a move after which the observation did not change (into a wall) is never again "
+                         "the first move of a plan from that observation in the episode")
 parser.add_argument("--time-cost", type=float, default=0.01,
                     help="cost per step of the plan, relative to the current distance to the goal")
 parser.add_argument("--cost", default="latent", choices=("latent", "regressed"),
@@ -467,7 +467,9 @@ def summarise(paths):
         try:
             with open(path) as fh:
                 saved = json.load(fh)
-            config = {k: v for k, v in saved["config"].items() if k not in ("models", "out", "summary")}
+            # a flag newer than the file: the file's run had it at its default
+            config = {**vars(parser.parse_args([])), **saved["config"]}
+            config = {k: v for k, v in config.items() if k not in ("models", "out", "summary")}
             planned = saved["rows"]
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise SystemExit(f"{path} is not a plan.json of plan.py ({type(err).__name__}: {err})") from None

@@ -2100,9 +2100,10 @@ def test_latent_distances_equal_those_of_the_model_rollout(regressed):
     starts, goals = tr.start_goal_pairs(3, 0)
     seq = plan.segment_sequences(3, 5, 7, 3, torch.Generator().manual_seed(0))
     regressor = torch.randn(8, 8) if regressed else None
-    predicted, current = plan.latent_distances(model, goals, regressor)(starts, torch.arange(3), seq)
+    episodes = torch.tensor([2, 0, 1])  # the goals of other episodes than the rows' order
+    predicted, current = plan.latent_distances(model, goals, regressor)(starts, episodes, seq)
     with torch.no_grad():
-        z0, goal = model.encode(tr.render(starts, 16)), model.encode(tr.render(goals, 16))
+        z0, goal = model.encode(tr.render(starts, 16)), model.encode(tr.render(goals[episodes], 16))
         pred = model.rollout(z0.repeat_interleave(5, 0), seq.reshape(15, 7)).reshape(3, 5, 7, 8)
         pred = pred if regressor is None else pred @ regressor.T
         expected = (pred - goal[:, None, None]).norm(dim=-1)
@@ -2137,21 +2138,25 @@ def test_planner_remembers_the_moves_a_wall_blocked():
             return torch.tensor([actions[-1]])
         _, _, path, _ = plan.run_episodes(policy, starts, goals)
         path = path[0]
-        blocked = [(tuple(path[t].tolist()), action) for t, action in enumerate(actions)
-                   if torch.equal(path[t + 1], path[t])]  # (where, which move) of every blocked move
-        return path, blocked
+        # (when, where, which move) of every blocked move
+        return [(t, tuple(path[t].tolist()), action) for t, action in enumerate(actions)
+                if torch.equal(path[t + 1], path[t])]
 
-    path, blocked = run([])
+    blocked = [(where, move) for _, where, move in run([])]
     assert len(blocked) > 150 and len(set(blocked)) == 1  # one move into the wall, again and again
-    path, blocked = run(["--remember-blocked"])
+    blocked = [(where, move) for _, where, move in run(["--remember-blocked"])]
     assert blocked and len(set(blocked)) == len(blocked)  # each blocked move tried once from a position
+    # planning every 4 steps, a blocked move ends its plan at once: never the same one twice in a row
+    blocked = run(["--remember-blocked", "--replan", "4"])
+    assert blocked and not any(a[0] + 1 == b[0] and a[1:] == b[1:] for a, b in zip(blocked, blocked[1:]))
 
 
 def test_failure_kinds_tell_near_misses_walls_and_wandering_apart():
-    """Four episodes from (20, 40) to (44, 40), across the wall: one walks the shortest path to 2 steps
-    from the goal and then steps back and forth; one pushes right into the wall from step 4 on; one
-    walks up and down in its room; one succeeds (not a failure)."""
-    starts, goals = torch.tensor([[20.0, 40.0]]).repeat(4, 1), torch.tensor([[44.0, 40.0]]).repeat(4, 1)
+    """Five episodes from (20, 40) to (44, 40), across the wall: one succeeds (not a failure); one walks
+    the shortest path to 2 steps from the goal and then steps back and forth; one pushes right into the
+    wall from step 4 on; one walks up and down in its room; one pushes into the wall for 36 steps, then
+    walks up and down (elsewhere: only its last 40 moves count)."""
+    starts, goals = torch.tensor([[20.0, 40.0]]).repeat(5, 1), torch.tensor([[44.0, 40.0]]).repeat(5, 1)
     field = plan.DistanceField(starts, goals)
     up, down, right = 0, 1, 3
     pos, near = starts[:1], []
@@ -2166,14 +2171,14 @@ def test_failure_kinds_tell_near_misses_walls_and_wandering_apart():
             pos = tr.move(pos, torch.tensor(a))
             out.append(pos)
         return torch.stack(out)
-    paths = torch.stack([torch.cat([starts[:1], torch.stack(near)])[:tr.MAX_STEPS + 1],
-                         walk([right] * tr.MAX_STEPS), walk([up, down] * (tr.MAX_STEPS // 2)),
-                         walk([right] * tr.MAX_STEPS)])
-    success = torch.tensor([False, False, False, True])
-    assert (paths[1, 5:] == paths[1, 4]).all()  # the wall stops it at x = 28
+    near = torch.cat([starts[:1], torch.stack(near)])[:tr.MAX_STEPS + 1]
+    paths = torch.stack([walk([right] * tr.MAX_STEPS), near, walk([right] * tr.MAX_STEPS),
+                         walk([up, down] * (tr.MAX_STEPS // 2)), walk([right] * 40 + [up, down] * 80)])
+    success = torch.tensor([True, False, False, False, False])
+    assert (paths[2, 5:] == paths[2, 4]).all()  # the wall stops it at x = 28
     kinds = plan.failure_kinds(success, paths, field)
-    assert kinds == {"came within 2 steps": 1, "against a wall": 1, "elsewhere": 1}
-    assert plan.failure_kinds(torch.ones(4, dtype=torch.bool), paths, field) == dict.fromkeys(kinds, 0)
+    assert kinds == {"came within 2 steps": 1, "against a wall": 1, "elsewhere": 2}  # the last 40 moves count
+    assert plan.failure_kinds(torch.ones(5, dtype=torch.bool), paths, field) == dict.fromkeys(kinds, 0)
 
 
 def test_distance_profile_reads_how_far_a_latent_distance_keeps_rising():
@@ -2354,6 +2359,10 @@ def test_plan_summary_of_separate_runs_equals_the_summary_of_one_run(tiny_two_ro
                       key=lambda r: r["method"])
 
     assert untimed(merged) == untimed(both)
+    older = json.loads((tmp_path / "lewm" / "plan.json").read_text())
+    del older["config"]["remember_blocked"]  # written before the flag existed: it ran without
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    assert untimed(plan.summarise([files[0], str(tmp_path / "older.json")])) == untimed(both)
     changed = json.loads((tmp_path / "lewm" / "plan.json").read_text())
     changed["rows"][-1]["success"] = 0.123  # LeWM's row, planned again: the later file's is kept
     (tmp_path / "again.json").write_text(json.dumps(changed))
