@@ -7,7 +7,7 @@ preprint, 2025, arXiv:2502.14819).
     python plan.py                              # every <model>.pt in out/two_rooms, 100 episodes
     python plan.py --models out/two_rooms/peira.pt --episodes 20
     python plan.py --seed 500                   # validation pairs: tune here, report --seed 1000
-    python plan.py --remember-blocked           # a move seen blocked is not tried again from there
+    python plan.py --remember-blocked           # a move seen blocked starts no plan from there again
     python plan.py --summary out/plan/plan.json,out/plan_peira/plan.json   # rows of two runs, summarised
 
 Planner (model-predictive control by random shooting): every step, --samples piecewise-constant sequences
@@ -23,7 +23,7 @@ position: its success is the planner's ceiling, so a reader can tell planner fro
 planned as one batch. Each row draws from its own generator, seeded from --seed and the row's name: a
 row's success and paths are the same planned alone or with others.
 With --remember-blocked, a move after which the observation did not change (into a wall the model
-believed passable) is not tried again from there in that episode.
+believed passable) is never again the first move of a plan from there in that episode.
 Beside the success table: success by the length of the shortest path (the pairs in thirds), the
 failures by kind (failure_kinds: near the goal, pushing against a wall, elsewhere), and how far each
 model's latent distance points the way (distance_profile: its rank correlation with the true steps to
@@ -293,9 +293,10 @@ FAILURE_KINDS = ("came within 2 steps", "against a wall", "elsewhere")
 def failure_kinds(success, paths, field):
     """Why the failed episodes failed, each counted once, in FAILURE_KINDS' order: the agent came
     within 2 steps of the goal (of counting as reached) and did not finish; it spent at least half of
-    its last 40 moves pushing against a wall or the border (the move blocked, the position unchanged:
-    the model believed it passable, e.g. the door's edge, a fraction of a pixel away at 16 px); or it
-    failed elsewhere (wandering, or circling far from the goal). paths (E, T + 1, 2) from run_episodes."""
+    its last 40 moves pushing against a wall or the border (the move blocked, the position unchanged;
+    for a model, a wall it believed passable, e.g. the door's edge, a fraction of a pixel away at 16
+    px); or it failed elsewhere (wandering, or circling far from the goal). paths (E, T + 1, 2) from
+    run_episodes."""
     failed = (~success).nonzero().flatten()
     if not len(failed):
         return dict.fromkeys(FAILURE_KINDS, 0)
