@@ -42,7 +42,6 @@ import time
 import zlib
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import two_rooms as tr
@@ -163,13 +162,11 @@ def latent_distances(model, goals, regressor=None):
     def distances(pos, episodes, seq):
         n_episodes, n_samples, horizon = seq.shape
         z0, goal = model.encode(tr.render(pos, model.res)), goal_z[episodes]
-        # the rollout of model.rollout, one distance per step kept instead of every embedding
+        # one distance per step of the rollout kept, instead of every predicted embedding
         z, goal_rows = z0.repeat_interleave(n_samples, 0), goal.repeat_interleave(n_samples, 0)
-        onehot = F.one_hot(seq.reshape(n_episodes * n_samples, horizon), 4).to(z.dtype)
-        out = z.new_empty(len(z), horizon)
-        for t in range(horizon):
-            z = model.step(z, onehot[:, t])
-            out[:, t] = ((z if regressor is None else z @ regressor.T) - goal_rows).norm(dim=-1)
+        steps = model.rollout_steps(z, seq.reshape(n_episodes * n_samples, horizon))
+        out = torch.stack([((pred if regressor is None else pred @ regressor.T) - goal_rows).norm(dim=-1)
+                           for pred in steps], 1)
         return out.reshape(n_episodes, n_samples, horizon), (z0 - goal).norm(dim=-1)
     return distances
 
