@@ -61,12 +61,7 @@ parser.add_argument("--remember-blocked", action=argparse.BooleanOptionalAction,
                     help="a move after which the observation did not change (into a wall) is never again "
                          "the first move of a plan from that observation in the episode")
 parser.add_argument("--time-cost", type=float, default=0.01,
-                    help="cost per step of the plan, relative to a latent distance to the goal "
-                         "(--relative-to)")
-parser.add_argument("--relative-to", default="current", choices=("current", "start"),
-                    help="the latent distance that costs are relative to: the current one, or the one at "
-                         "the episode's start (the time cost then a fixed latent length a step, near the "
-                         "goal too)")
+                    help="cost per step of the plan, relative to the current distance to the goal")
 parser.add_argument("--cost", default="latent", choices=("latent", "regressed"),
                     help="PEIRA's cost: ‖ẑ − z_goal‖ or ‖Pẑ − z_goal‖ with its regressor P (models with "
                          "pooled moments only)")
@@ -94,8 +89,7 @@ class Planner:
     detour through the door is not outweighed by the steps spent walking away from the goal.
     With --remember-blocked, a move after which the episode's observation did not change is never
     again the first action of a plan from that observation (positions stand for the observations,
-    which they determine). --relative-to start: costs relative to the latent distance at the
-    episode's first plan instead of the current one.
+    which they determine).
     distances(pos, episodes, seq) → ((E, S, H) predicted distances to the goal after each action,
     (E,) the current distances)."""
 
@@ -106,7 +100,6 @@ class Planner:
         # --remember-blocked: each episode's last position and action, and {position: blocked actions}
         self.last_pos, self.last_action = torch.zeros(episodes, 2), torch.full((episodes,), -1)
         self.blocked = [{} for _ in range(episodes)]
-        self.start_distance = torch.full((episodes,), math.nan)  # --relative-to start: set at the first plan
 
     def plan(self, pos, episodes):
         args = self.args
@@ -117,11 +110,8 @@ class Planner:
         seq[:, 0] = torch.where(age[:, None] >= 0, self.best[episodes].gather(1, shift), seq[:, 0])
         # cost: the best relative distance along each sequence, plus the steps taken to reach it
         predicted, current = self.distances(pos, episodes, seq)
-        first = age < 0
-        self.start_distance[episodes[first]] = current[first].to(self.start_distance.dtype)
-        scale = current if args.relative_to == "current" else self.start_distance[episodes].to(current.dtype)
         steps = torch.arange(1, args.horizon + 1, dtype=predicted.dtype)
-        relative = predicted / scale[:, None, None].clamp_min(1e-8)
+        relative = predicted / current[:, None, None].clamp_min(1e-8)
         cost = (relative + args.time_cost * steps).amin(-1)                            # (E, S)
         if args.remember_blocked:  # no sequence starts with a move already seen blocked from here
             banned = torch.zeros(len(pos), 4, dtype=torch.bool)

@@ -2151,32 +2151,6 @@ def test_planner_remembers_the_moves_a_wall_blocked():
     assert blocked and not any(a[0] + 1 == b[0] and a[1:] == b[1:] for a, b in zip(blocked, blocked[1:]))
 
 
-def test_planner_relative_to_the_start_keeps_the_time_cost_near_the_goal():
-    """Two plans near the goal (the current latent distance 0.1, the episode's first 1): one reaches a
-    predicted distance 0.05 in one step, the other 0.04 in ten. Relative to the current distance the
-    time cost weighs a tenth as much as at the start: 0.5 + 0.01 > 0.4 + 0.1, the detour wins. Relative
-    to the start (--relative-to start) the step costs what it did: 0.05 + 0.01 < 0.04 + 0.1."""
-    calls = []
-
-    def distances(pos, episodes, seq):  # first move up (0): the direct plan; any other: the detour
-        t = torch.arange(1, seq.shape[2] + 1)
-        direct = torch.where(t >= 1, 0.05, 1.0).expand(seq.shape).clone()
-        detour = torch.where(t >= 10, 0.04, 1.0).expand(seq.shape).clone()
-        calls.append(len(calls))
-        current = torch.tensor([1.0 if len(calls) == 1 else 0.1])
-        return torch.where(seq[..., :1] == 0, direct, detour), current
-
-    def first_moves(flags):
-        calls.clear()
-        args = plan.parser.parse_args(["--horizon", "16", "--samples", "64", *flags])
-        planner = plan.Planner(distances, 1, args, torch.Generator().manual_seed(0))
-        pos, episode = torch.tensor([[20.0, 20.0]]), torch.tensor([0])
-        return [planner(pos, episode).item() for _ in range(2)]  # the episode's first plan, then near
-
-    assert first_moves([])[1] != 0  # relative to the current distance: the detour
-    assert first_moves(["--relative-to", "start"])[1] == 0  # relative to the start: straight on
-
-
 def test_failure_kinds_tell_near_misses_walls_and_wandering_apart():
     """Five episodes from (20, 40) to (44, 40), across the wall: one succeeds (not a failure); one walks
     the shortest path to 2 steps from the goal and then steps back and forth; one pushes right into the
