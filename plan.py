@@ -7,7 +7,7 @@ preprint, 2025, arXiv:2502.14819).
     python plan.py                              # every <model>.pt in out/two_rooms, 100 episodes
     python plan.py --models out/two_rooms/peira.pt --episodes 20
     python plan.py --seed 500                   # validation pairs: tune here, report --seed 1000
-    python plan.py --remember-blocked           # a move seen blocked starts no plan from there again
+    python plan.py --no-remember-blocked        # the planner as it was: it may push into a wall forever
     python plan.py --summary out/plan/plan.json,out/plan_peira/plan.json   # rows of two runs, summarised
 
 Planner (model-predictive control by random shooting): every step, --samples piecewise-constant sequences
@@ -22,8 +22,9 @@ planner on the real dynamics with the wall-blind distance of positions, the idea
 position: its success is the planner's ceiling, so a reader can tell planner from model. All episodes are
 planned as one batch. Each row draws from its own generator, seeded from --seed and the row's name: a
 row's success and paths are the same planned alone or with others.
-With --remember-blocked, a move after which the observation did not change (into a wall the model
-believed passable) is never again the first move of a plan from there in that episode.
+A move after which the observation did not change (into a wall the model believed passable, e.g. the
+door's edge, a fraction of a pixel away at 16 px) is never again the first move of a plan from there in
+that episode (--no-remember-blocked: it may be, and such a model pushes into the wall to the end).
 Beside the success table: success by the length of the shortest path (the pairs in thirds), the
 failures by kind (failure_kinds: near the goal, pushing against a wall, elsewhere), and how far each
 model's latent distance points the way (distance_profile: its rank correlation with the true steps to
@@ -57,9 +58,10 @@ parser.add_argument("--horizon", type=int, default=64, help="planning horizon (a
 parser.add_argument("--samples", type=int, default=256, help="action sequences scored per step")
 parser.add_argument("--segments", type=int, default=3, help="constant-action segments per sequence")
 parser.add_argument("--replan", type=int, default=1, help="plan every this many steps")
-parser.add_argument("--remember-blocked", action=argparse.BooleanOptionalAction, default=False,
+parser.add_argument("--remember-blocked", action=argparse.BooleanOptionalAction, default=True,
                     help="a move after which the observation did not change (into a wall) is never again "
-                         "the first move of a plan from that observation in the episode")
+                         "the first move of a plan from that observation in the episode (chosen on the "
+                         "validation pairs: README)")
 parser.add_argument("--time-cost", type=float, default=0.01,
                     help="cost per step of the plan, relative to the current distance to the goal")
 parser.add_argument("--cost", default="latent", choices=("latent", "regressed"),
@@ -69,6 +71,8 @@ parser.add_argument("--summary", default="",
                     help="plan nothing: success over training seeds (mean ± std, paired differences) from "
                          "the rows of these comma-separated plan.json files, planned with the same settings "
                          "(a later file's row replaces one of its name)")
+# what plan.py did before a flag existed: a plan.json without the flag's key is read with this value
+BEFORE_FLAG = {"remember_blocked": False}
 
 
 def segment_sequences(episodes, samples, horizon, segments, gen):
@@ -87,9 +91,9 @@ class Planner:
     A sequence's cost is the smallest predicted distance to the goal along it, relative to the
     current one, plus --time-cost per step taken to get there: a minimum, not a sum, so that a
     detour through the door is not outweighed by the steps spent walking away from the goal.
-    With --remember-blocked, a move after which the episode's observation did not change is never
-    again the first action of a plan from that observation (positions stand for the observations,
-    which they determine).
+    With --remember-blocked (the default), a move after which the episode's observation did not change
+    is never again the first action of a plan from that observation (positions stand for the
+    observations, which they determine).
     distances(pos, episodes, seq) → ((E, S, H) predicted distances to the goal after each action,
     (E,) the current distances)."""
 
@@ -465,8 +469,8 @@ def summarise(paths):
         try:
             with open(path) as fh:
                 saved = json.load(fh)
-            # a flag newer than the file: the file's run had it at its default
-            config = {**vars(parser.parse_args([])), **saved["config"]}
+            # a flag newer than the file: its run did what plan.py did before the flag existed
+            config = {**vars(parser.parse_args([])), **BEFORE_FLAG, **saved["config"]}
             config = {k: v for k, v in config.items() if k not in ("models", "out", "summary")}
             planned = saved["rows"]
         except (OSError, ValueError, KeyError, TypeError) as err:

@@ -2116,9 +2116,9 @@ def test_latent_distances_equal_those_of_the_model_rollout(regressed):
 
 def test_planner_remembers_the_moves_a_wall_blocked():
     """A model blind to the wall (positions move freely; cost: the distance to a goal across it) walks
-    into the wall and, by default, pushes against it for the rest of the episode. With
-    --remember-blocked no move is tried again from where it was blocked (the model still believes the
-    wall passable from elsewhere: the agent then walks up and down along it)."""
+    into the wall and, with --no-remember-blocked, pushes against it for the rest of the episode. With
+    --remember-blocked (the default) no move is tried again from where it was blocked (the model still
+    believes the wall passable from elsewhere: the agent then walks up and down along it)."""
     starts, goals = torch.tensor([[24.0, 40.0]]), torch.tensor([[40.0, 40.0]])
 
     def wall_blind(pos, episodes, seq):
@@ -2142,12 +2142,12 @@ def test_planner_remembers_the_moves_a_wall_blocked():
         return [(t, tuple(path[t].tolist()), action) for t, action in enumerate(actions)
                 if torch.equal(path[t + 1], path[t])]
 
-    blocked = [(where, move) for _, where, move in run([])]
+    blocked = [(where, move) for _, where, move in run(["--no-remember-blocked"])]
     assert len(blocked) > 150 and len(set(blocked)) == 1  # one move into the wall, again and again
-    blocked = [(where, move) for _, where, move in run(["--remember-blocked"])]
+    blocked = [(where, move) for _, where, move in run([])]
     assert blocked and len(set(blocked)) == len(blocked)  # each blocked move tried once from a position
     # planning every 4 steps, a blocked move ends its plan at once: never the same one twice in a row
-    blocked = run(["--remember-blocked", "--replan", "4"])
+    blocked = run(["--replan", "4"])
     assert blocked and not any(a[0] + 1 == b[0] and a[1:] == b[1:] for a, b in zip(blocked, blocked[1:]))
 
 
@@ -2345,7 +2345,7 @@ def test_plan_summary_of_separate_runs_equals_the_summary_of_one_run(tiny_two_ro
     replaces a same-named one; runs with other planner settings are refused."""
     monkeypatch.setattr(tr, "MAX_STEPS", 25)
     monkeypatch.setattr(plan, "distance_maps", lambda *args: None)
-    flags = ["--episodes", "3", "--samples", "8", "--horizon", "8"]
+    flags = ["--episodes", "3", "--samples", "8", "--horizon", "8", "--no-remember-blocked"]
     peira_path, lewm_path = tiny_two_rooms / "peira.pt", tiny_two_rooms / "lewm.pt"
     for name, models in (("both", f"{lewm_path},{peira_path}"), ("peira", str(peira_path)),
                          ("lewm", str(lewm_path))):
@@ -2363,6 +2363,11 @@ def test_plan_summary_of_separate_runs_equals_the_summary_of_one_run(tiny_two_ro
     del older["config"]["remember_blocked"]  # written before the flag existed: it ran without
     (tmp_path / "older.json").write_text(json.dumps(older))
     assert untimed(plan.summarise([files[0], str(tmp_path / "older.json")])) == untimed(both)
+    newer = json.loads((tmp_path / "lewm" / "plan.json").read_text())
+    newer["config"]["remember_blocked"] = True  # planned with today's default: not like the older file
+    (tmp_path / "newer.json").write_text(json.dumps(newer))
+    with pytest.raises(SystemExit, match="other settings"):
+        plan.summarise([str(tmp_path / "older.json"), str(tmp_path / "newer.json")])
     changed = json.loads((tmp_path / "lewm" / "plan.json").read_text())
     changed["rows"][-1]["success"] = 0.123  # LeWM's row, planned again: the later file's is kept
     (tmp_path / "again.json").write_text(json.dumps(changed))
