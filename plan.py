@@ -465,12 +465,13 @@ def summarise(paths):
     rows of runs with the same pairs and planner settings can be put side by side; a row of a later
     file replaces an earlier one of the same name."""
     rows, settings = {}, None
+    # a flag newer than a file: its run did what plan.py did before the flag existed
+    defaults = {**vars(parser.parse_args([])), **BEFORE_FLAG}
     for path in paths:
         try:
             with open(path) as fh:
                 saved = json.load(fh)
-            # a flag newer than the file: its run did what plan.py did before the flag existed
-            config = {**vars(parser.parse_args([])), **BEFORE_FLAG, **saved["config"]}
+            config = {**defaults, **saved["config"]}
             config = {k: v for k, v in config.items() if k not in ("models", "out", "summary")}
             planned = saved["rows"]
         except (OSError, ValueError, KeyError, TypeError) as err:
