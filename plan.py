@@ -62,10 +62,6 @@ parser.add_argument("--remember-blocked", action=argparse.BooleanOptionalAction,
                     help="a move after which the observation did not change (into a wall) is never again "
                          "the first move of a plan from that observation in the episode (chosen on the "
                          "validation pairs: README)")
-parser.add_argument("--temperature", type=float, default=0.05,
-                    help="the first action is voted by all sequences, each weighing exp(−(cost − cheapest) / "
-                         "temperature), against a winner's curse among noisy predictions (0: that of the "
-                         "cheapest sequence; chosen on the validation pairs: README)")
 parser.add_argument("--time-cost", type=float, default=0.01,
                     help="cost per step of the plan, relative to the current distance to the goal")
 parser.add_argument("--cost", default="latent", choices=("latent", "regressed"),
@@ -76,7 +72,7 @@ parser.add_argument("--summary", default="",
                          "the rows of these comma-separated plan.json files, planned with the same settings "
                          "(a later file's row replaces one of its name)")
 # what plan.py did before a flag existed: a plan.json without the flag's key is read with this value
-BEFORE_FLAG = {"remember_blocked": False, "temperature": 0.0}
+BEFORE_FLAG = {"remember_blocked": False}
 
 
 def segment_sequences(episodes, samples, horizon, segments, gen):
@@ -126,15 +122,8 @@ class Planner:
             for row, (e, key) in enumerate(zip(episodes.tolist(), map(tuple, pos.tolist()))):
                 banned[row, list(self.blocked[e].get(key, ()))] = True
             cost = cost.masked_fill(banned.gather(1, seq[:, :, 0]), math.inf)
-        # the first action: that of the cheapest sequence, or (--temperature τ > 0) the one whose
-        # sequences weigh most, each weighing exp(−(cost − cheapest) / τ); the plan kept (and followed
-        # until the next plan) is the cheapest sequence starting with that action
-        rows = torch.arange(len(pos))
-        if args.temperature > 0:
-            weight = torch.exp(-(cost - cost.amin(1, keepdim=True)) / args.temperature).nan_to_num(0.0)
-            votes = torch.zeros(len(pos), 4, dtype=weight.dtype).scatter_add_(1, seq[:, :, 0], weight)
-            cost = cost.masked_fill(seq[:, :, 0] != votes.argmax(1, keepdim=True), math.inf)
-        self.best[episodes] = seq[rows, cost.argmin(1)]
+        # keep the cheapest sequence; its first action is taken now
+        self.best[episodes] = seq[torch.arange(len(pos)), cost.argmin(1)]
         self.age[episodes] = 0
 
     def __call__(self, pos, episodes):
@@ -505,8 +494,6 @@ def main(argv=None):
         parser.error("need --horizon, --episodes, --samples, --segments, --replan ≥ 1")
     if not 0 <= args.time_cost < math.inf:  # nan fails too
         parser.error(f"need a finite --time-cost ≥ 0, got {args.time_cost}")
-    if not 0 <= args.temperature < math.inf:
-        parser.error(f"need a finite --temperature ≥ 0, got {args.temperature}")
     if not args.replan <= args.horizon:
         parser.error("need --replan ≤ --horizon")
     models = load_models(args.models)

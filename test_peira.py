@@ -2151,31 +2151,6 @@ def test_planner_remembers_the_moves_a_wall_blocked():
     assert blocked and not any(a[0] + 1 == b[0] and a[1:] == b[1:] for a, b in zip(blocked, blocked[1:]))
 
 
-def test_planner_votes_the_first_action_against_a_lucky_sequence():
-    """Sequences whose first move is down are predicted to reach a distance of 0.5 at their second step;
-    the first sequence that moves up is predicted at 0.45 (a lucky error), every other at 1. The
-    cheapest sequence (--temperature 0) goes up. The vote (the default): each sequence down weighs
-    exp(−0.05 / 0.05) = 0.37 of the lucky one, and they are more than 1 / 0.37, so the agent goes down,
-    keeping the first (cheapest, tied) sequence down as its plan."""
-    horizon, samples = 8, 32
-
-    def distances(pos, episodes, seq):
-        first = seq[..., 0]
-        predicted = torch.ones(seq.shape)
-        predicted[..., 1:] = torch.where(first[..., None] == 1, 0.5, 1.0)
-        predicted[0, (first[0] == 0).nonzero()[0, 0], 1:] = 0.45
-        return predicted, torch.ones(len(pos))
-
-    seq = plan.segment_sequences(1, samples + 1, horizon, 3, torch.Generator().manual_seed(0))[0]
-    down = (seq[:, 0] == 1).nonzero().flatten()
-    assert (seq[:, 0] == 0).any() and len(down) * math.exp(-1) > 1  # the vote below is down's
-    for flags, action in ((["--temperature", "0"], 0), ([], 1)):
-        args = plan.parser.parse_args(["--horizon", str(horizon), "--samples", str(samples)] + flags)
-        planner = plan.Planner(distances, 1, args, torch.Generator().manual_seed(0))
-        assert planner(torch.tensor([[20.0, 30.0]]), torch.tensor([0])).item() == action
-    assert torch.equal(planner.best[0], seq[down[0]])
-
-
 def test_failure_kinds_tell_near_misses_walls_and_wandering_apart():
     """Five episodes from (20, 40) to (44, 40), across the wall: one succeeds (not a failure); one walks
     the shortest path to 2 steps from the goal and then steps back and forth; one pushes right into the
@@ -2370,8 +2345,7 @@ def test_plan_summary_of_separate_runs_equals_the_summary_of_one_run(tiny_two_ro
     replaces a same-named one; runs with other planner settings are refused."""
     monkeypatch.setattr(tr, "MAX_STEPS", 25)
     monkeypatch.setattr(plan, "distance_maps", lambda *args: None)
-    flags = ["--episodes", "3", "--samples", "8", "--horizon", "8", "--no-remember-blocked",
-             "--temperature", "0"]
+    flags = ["--episodes", "3", "--samples", "8", "--horizon", "8", "--no-remember-blocked"]
     peira_path, lewm_path = tiny_two_rooms / "peira.pt", tiny_two_rooms / "lewm.pt"
     for name, models in (("both", f"{lewm_path},{peira_path}"), ("peira", str(peira_path)),
                          ("lewm", str(lewm_path))):
@@ -2386,8 +2360,7 @@ def test_plan_summary_of_separate_runs_equals_the_summary_of_one_run(tiny_two_ro
 
     assert untimed(merged) == untimed(both)
     older = json.loads((tmp_path / "lewm" / "plan.json").read_text())
-    for flag in plan.BEFORE_FLAG:  # written before the flags existed: it ran without them
-        del older["config"][flag]
+    del older["config"]["remember_blocked"]  # written before the flag existed: it ran without
     (tmp_path / "older.json").write_text(json.dumps(older))
     assert untimed(plan.summarise([files[0], str(tmp_path / "older.json")])) == untimed(both)
     newer = json.loads((tmp_path / "lewm" / "plan.json").read_text())
@@ -2449,7 +2422,7 @@ def test_plan_refuses_foreign_damaged_stale_and_duplicate_checkpoints_in_one_lin
 def test_plan_and_two_rooms_reject_nonsense_flags(tiny_two_rooms, tmp_path, capsys, monkeypatch):
     empty = str(tmp_path)  # never reached: the parser refuses first
     for bad in (["--horizon", "0"], ["--horizon", "-2"], ["--time-cost", "nan"], ["--time-cost", "inf"],
-                ["--samples", "0"], ["--temperature", "-1"], ["--temperature", "nan"]):
+                ["--samples", "0"]):
         with pytest.raises(SystemExit) as exc:
             plan.main(["--models", empty, *bad])
         assert exc.value.code == 2, bad  # a parser error
