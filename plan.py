@@ -62,10 +62,6 @@ parser.add_argument("--remember-blocked", action=argparse.BooleanOptionalAction,
                     help="a move after which the observation did not change (into a wall) is never again "
                          "the first move of a plan from that observation in the episode (chosen on the "
                          "validation pairs: README)")
-parser.add_argument("--remember-returns", action=argparse.BooleanOptionalAction, default=True,
-                    help="a move after which the agent came back to the observation it had left by it (it went "
-                         "round in a cycle) is never again the first move of a plan from there in the episode, "
-                         "unless every move from there did (chosen on the validation pairs: README)")
 parser.add_argument("--time-cost", type=float, default=0.01,
                     help="cost per step of the plan, relative to the current distance to the goal")
 parser.add_argument("--cost", default="latent", choices=("latent", "regressed"),
@@ -76,7 +72,7 @@ parser.add_argument("--summary", default="",
                          "the rows of these comma-separated plan.json files, planned with the same settings "
                          "(a later file's row replaces one of its name)")
 # what plan.py did before a flag existed: a plan.json without the flag's key is read with this value
-BEFORE_FLAG = {"remember_blocked": False, "remember_returns": False}
+BEFORE_FLAG = {"remember_blocked": False}
 
 
 def segment_sequences(episodes, samples, horizon, segments, gen):
@@ -108,8 +104,6 @@ class Planner:
         # --remember-blocked: each episode's last position and action, and {position: blocked actions}
         self.last_pos, self.last_action = torch.zeros(episodes, 2), torch.full((episodes,), -1)
         self.blocked = [{} for _ in range(episodes)]
-        # --remember-returns: {position: the move that last left it}, {position: moves that came back to it}
-        self.left_by, self.returned = [{} for _ in range(episodes)], [{} for _ in range(episodes)]
 
     def plan(self, pos, episodes):
         args = self.args
@@ -123,14 +117,10 @@ class Planner:
         steps = torch.arange(1, args.horizon + 1, dtype=predicted.dtype)
         relative = predicted / current[:, None, None].clamp_min(1e-8)
         cost = (relative + args.time_cost * steps).amin(-1)                            # (E, S)
-        if args.remember_blocked or args.remember_returns:
-            # no sequence starts with a move already seen blocked from here, nor (unless all four
-            # did) with one that came back here
-            blocked, returned = torch.zeros(2, len(pos), 4, dtype=torch.bool)
-            for row, (e, xy) in enumerate(zip(episodes.tolist(), pos.tolist())):
-                blocked[row, list(self.blocked[e].get(tuple(xy), ()))] = True
-                returned[row, list(self.returned[e].get(position_key(xy), ()))] = True
-            banned = blocked | (returned & ~(blocked | returned).all(1, keepdim=True))
+        if args.remember_blocked:  # no sequence starts with a move already seen blocked from here
+            banned = torch.zeros(len(pos), 4, dtype=torch.bool)
+            for row, (e, key) in enumerate(zip(episodes.tolist(), map(tuple, pos.tolist()))):
+                banned[row, list(self.blocked[e].get(key, ()))] = True
             cost = cost.masked_fill(banned.gather(1, seq[:, :, 0]), math.inf)
         # keep the cheapest sequence; its first action is taken now
         self.best[episodes] = seq[torch.arange(len(pos)), cost.argmin(1)]
@@ -147,27 +137,12 @@ class Planner:
                                       self.last_action[episodes[stuck]].tolist()):
                 self.blocked[e].setdefault(key, set()).add(action)
             due |= stuck
-        keys = [position_key(xy) for xy in pos.tolist()]
-        if self.args.remember_returns:
-            # back where it had been: the move that left here went round in a cycle (into a wall: at once)
-            for row, (e, key) in enumerate(zip(episodes.tolist(), keys)):
-                if key in self.left_by[e]:
-                    self.returned[e].setdefault(key, set()).add(self.left_by[e][key])
-                    due[row] = True
         if due.any():
             self.plan(pos[due], episodes[due])
         action = self.best[episodes, self.age[episodes]]
         self.age[episodes] += 1
         self.last_pos[episodes], self.last_action[episodes] = pos, action
-        if self.args.remember_returns:
-            for e, key, move in zip(episodes.tolist(), keys, action.tolist()):
-                self.left_by[e][key] = move
         return action
-
-
-def position_key(xy):
-    """A position as a dictionary key, rounded so that a round trip's float error still finds it."""
-    return tuple(round(v, 3) for v in xy)
 
 
 def true_distances(goals):
