@@ -7,7 +7,7 @@ preprint, 2025, arXiv:2502.14819).
     python plan.py                              # every <model>.pt in out/two_rooms, 100 episodes
     python plan.py --models out/two_rooms/peira.pt --episodes 20
     python plan.py --seed 500                   # validation pairs: tune here, report --seed 1000
-    python plan.py --no-remember-blocked        # the planner as it was: it may push into a wall forever
+    python plan.py --no-remember-blocked --no-keep-plan   # the planner as it was before both options
     python plan.py --summary out/plan/plan.json,out/plan_peira/plan.json   # rows of two runs, summarised
 
 Planner (model-predictive control by random shooting): every step, --samples piecewise-constant sequences
@@ -25,6 +25,11 @@ row's name: a row's success and paths are the same planned alone or with others.
 A move after which the observation did not change (into a wall the model believed passable, e.g. the
 door's edge, a fraction of a pixel away at 16 px) is never again the first move of a plan from there in
 that episode (--no-remember-blocked: it may be, and such a model pushes into the wall to the end).
+The plan is kept from one step to the next unless a new sequence is cheaper by more than the model's own
+error at the plan's arrival (open_loop_error: the RMS error of its open-loop predictions on held-out
+trajectories), relative to the current distance (--no-keep-plan: the cheapest always wins): the kept plan won
+as the least of many noisy costs and, costed again, has lost that luck; without the margin, near the goal a
+new lucky detour wins at every step and the agent circles the goal. The true dynamics have no error.
 Beside the success table: success by the length of the shortest path (the pairs in thirds), the
 failures by kind (failure_kinds: near the goal, pushing against a wall, elsewhere), and how far each
 model's latent distance points the way (distance_profile: its rank correlation with the true steps to
@@ -62,6 +67,10 @@ parser.add_argument("--remember-blocked", action=argparse.BooleanOptionalAction,
                     help="a move after which the observation did not change (into a wall) is never again "
                          "the first move of a plan from that observation in the episode (chosen on the "
                          "validation pairs: README)")
+parser.add_argument("--keep-plan", action=argparse.BooleanOptionalAction, default=True,
+                    help="the previous plan is kept unless a new one is cheaper by more than the model's "
+                         "open-loop error at the kept plan's arrival, relative to the current distance "
+                         "(chosen on the validation pairs: README)")
 parser.add_argument("--time-cost", type=float, default=0.01,
                     help="cost per step of the plan, relative to the current distance to the goal")
 parser.add_argument("--cost", default="latent", choices=("latent", "regressed"),
@@ -72,7 +81,7 @@ parser.add_argument("--summary", default="",
                          "the rows of these comma-separated plan.json files, planned with the same settings "
                          "(a later file's row replaces one of its name)")
 # what plan.py did before a flag existed: a plan.json without the flag's key is read with this value
-BEFORE_FLAG = {"remember_blocked": False}
+BEFORE_FLAG = {"remember_blocked": False, "keep_plan": False}
 
 
 def segment_sequences(episodes, samples, horizon, segments, gen):
@@ -93,12 +102,14 @@ class Planner:
     detour through the door is not outweighed by the steps spent walking away from the goal.
     With --remember-blocked (the default), a move after which the episode's observation did not change
     is never again the first action of a plan from that observation (positions stand for the
-    observations, which they determine).
+    observations, which they determine). With --keep-plan (the default) and the model's open-loop error
+    (error: (H,), None for the true dynamics), the kept plan's cost is lowered by that error at its
+    arrival, relative to the current distance.
     distances(pos, episodes, seq) → ((E, S, H) predicted distances to the goal after each action,
     (E,) the current distances)."""
 
-    def __init__(self, distances, episodes, args, gen):
-        self.distances, self.args, self.gen = distances, args, gen
+    def __init__(self, distances, episodes, args, gen, error=None):
+        self.distances, self.args, self.gen, self.error = distances, args, gen, error
         self.best = torch.zeros(episodes, args.horizon, dtype=torch.long)
         self.age = torch.full((episodes,), -1)  # steps since the last plan; −1: none yet
         # --remember-blocked: each episode's last position and action, and {position: blocked actions}
@@ -116,7 +127,14 @@ class Planner:
         predicted, current = self.distances(pos, episodes, seq)
         steps = torch.arange(1, args.horizon + 1, dtype=predicted.dtype)
         relative = predicted / current[:, None, None].clamp_min(1e-8)
-        cost = (relative + args.time_cost * steps).amin(-1)                            # (E, S)
+        cost_by_step = relative + args.time_cost * steps                                  # (E, S, H)
+        cost = cost_by_step.amin(-1)                                                      # (E, S)
+        if args.keep_plan and self.error is not None:
+            # the kept plan won as the least of many noisy costs; costed again from here it has lost that
+            # luck, so a new sequence replaces it only if cheaper by more than the model's own error at
+            # the kept plan's arrival (else, near the goal, a new lucky detour wins every step)
+            margin = self.error[cost_by_step[:, 0].argmin(-1)] / current.clamp_min(1e-8)
+            cost[:, 0] -= torch.where(age >= 0, margin, 0.0)
         if args.remember_blocked:  # no sequence starts with a move already seen blocked from here
             banned = torch.zeros(len(pos), 4, dtype=torch.bool)
             for row, (e, key) in enumerate(zip(episodes.tolist(), map(tuple, pos.tolist()))):
@@ -173,6 +191,21 @@ def latent_distances(model, goals, regressor=None):
                            for pred in steps], 1)
         return out.reshape(n_episodes, n_samples, horizon), (z0 - goal).norm(dim=-1)
     return distances
+
+
+ERROR_SEED = 99991  # held-out trajectories for the models' open-loop error: no training run draws this seed
+
+
+@torch.no_grad()
+def open_loop_error(model, horizon, regressor=None, n=256):
+    """RMS ‖ẑ_t − z_t‖ (of Pẑ_t with a regressor P) of the model's t-step open-loop predictions, t = 1 ..
+    horizon, on n held-out trajectories of the offline data's random policy: how far a rollout's
+    distances can be trusted (the margin of --keep-plan)."""
+    pos, actions = tr.random_trajectories(n, horizon, ERROR_SEED, tr.parser.get_default("door_fraction"))
+    z = model.encode(tr.render(pos.flatten(0, 1), model.res)).unflatten(0, (n, horizon + 1))
+    pred = torch.stack(list(model.rollout_steps(z[:, 0], actions)), 1)
+    pred = pred if regressor is None else pred @ regressor.T
+    return (pred - z[:, 1:]).square().sum(-1).mean(0).sqrt()
 
 
 LATTICE = 32  # an episode's positions are start + STEP·(i, j), |i|, |j| ≤ LATTICE covers the arena
@@ -516,9 +549,11 @@ def main(argv=None):
     row = "true dynamics + planner, position cost"
     policies[row] = Planner(true_distances(goals), len(goals), args, row_generator(args.seed, row))
     for name, (model, regressor) in models.items():
-        distances = latent_distances(model, goals, regressor if args.cost == "regressed" else None)
+        regressor = regressor if args.cost == "regressed" else None
+        error = open_loop_error(model, args.horizon, regressor) if args.keep_plan else None
         row = f"{name} + planner"
-        policies[row] = Planner(distances, len(goals), args, row_generator(args.seed, row))
+        policies[row] = Planner(latent_distances(model, goals, regressor), len(goals), args,
+                                row_generator(args.seed, row), error)
 
     # every policy on the same start/goal pairs
     rows, paths = [], {}

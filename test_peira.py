@@ -2151,6 +2151,49 @@ def test_planner_remembers_the_moves_a_wall_blocked():
     assert blocked and not any(a[0] + 1 == b[0] and a[1:] == b[1:] for a, b in zip(blocked, blocked[1:]))
 
 
+@pytest.mark.parametrize("cheaper, error, flags, kept", [(0.05, 0.1, [], True), (0.2, 0.1, [], False),
+                                                        (0.05, None, [], False),
+                                                        (0.05, 0.1, ["--no-keep-plan"], False)])
+def test_planner_keeps_its_plan_unless_a_new_one_is_cheaper_by_more_than_the_model_error(cheaper, error,
+                                                                                         flags, kept):
+    """First plan: sequence 5 is predicted to reach 0.5 at its second step (every other distance is 1), so it
+    becomes the plan. Second plan: the kept plan (shifted to now, the first candidate) reaches 0.5 at its
+    first step, sequence 7 reaches 0.5 − `cheaper`. With the model's error 0.1 at every step (relative: the
+    current distance is 1), a sequence 0.05 cheaper leaves the plan as it was, one 0.2 cheaper replaces it;
+    with no error (the true dynamics) or --no-keep-plan the cheaper one wins."""
+    horizon, samples, candidates = 8, 16, []
+
+    def distances(pos, episodes, seq):
+        predicted = torch.ones(seq.shape)
+        if candidates:
+            predicted[0, 0, 0], predicted[0, 7, 0] = 0.5, 0.5 - cheaper
+        else:
+            predicted[0, 5, 1] = 0.5
+        candidates.append(seq[0].clone())
+        return predicted, torch.ones(len(pos))
+
+    args = plan.parser.parse_args(["--horizon", str(horizon), "--samples", str(samples)] + flags)
+    error = None if error is None else torch.full((horizon,), error)
+    planner = plan.Planner(distances, 1, args, torch.Generator().manual_seed(0), error)
+    for xy in ([20.0, 30.0], [22.0, 30.0]):
+        planner(torch.tensor([xy]), torch.tensor([0]))
+    first, second = candidates
+    assert torch.equal(second[0], first[5, (torch.arange(horizon) + 1).clamp(max=horizon - 1)])
+    assert not torch.equal(second[0], second[7])
+    assert torch.equal(planner.best[0], second[0] if kept else second[7])
+
+
+def test_open_loop_error_is_the_rms_error_of_the_models_rollouts():
+    torch.manual_seed(0)
+    model = tr.WorldModel(16, 8).eval()
+    pos, actions = tr.random_trajectories(256, 6, plan.ERROR_SEED, 0.5)
+    with torch.no_grad():
+        z = model.encode(tr.render(pos.reshape(-1, 2), 16)).reshape(256, 7, 8)
+        pred = model.rollout(z[:, 0], actions)
+    expected = torch.stack([(pred[:, t] - z[:, t + 1]).norm(dim=-1).square().mean().sqrt() for t in range(6)])
+    torch.testing.assert_close(plan.open_loop_error(model, 6), expected)
+
+
 def test_failure_kinds_tell_near_misses_walls_and_wandering_apart():
     """Five episodes from (20, 40) to (44, 40), across the wall: one succeeds (not a failure); one walks
     the shortest path to 2 steps from the goal and then steps back and forth; one pushes right into the
@@ -2345,7 +2388,7 @@ def test_plan_summary_of_separate_runs_equals_the_summary_of_one_run(tiny_two_ro
     replaces a same-named one; runs with other planner settings are refused."""
     monkeypatch.setattr(tr, "MAX_STEPS", 25)
     monkeypatch.setattr(plan, "distance_maps", lambda *args: None)
-    flags = ["--episodes", "3", "--samples", "8", "--horizon", "8", "--no-remember-blocked"]
+    flags = ["--episodes", "3", "--samples", "8", "--horizon", "8", "--no-remember-blocked", "--no-keep-plan"]
     peira_path, lewm_path = tiny_two_rooms / "peira.pt", tiny_two_rooms / "lewm.pt"
     for name, models in (("both", f"{lewm_path},{peira_path}"), ("peira", str(peira_path)),
                          ("lewm", str(lewm_path))):
@@ -2360,7 +2403,8 @@ def test_plan_summary_of_separate_runs_equals_the_summary_of_one_run(tiny_two_ro
 
     assert untimed(merged) == untimed(both)
     older = json.loads((tmp_path / "lewm" / "plan.json").read_text())
-    del older["config"]["remember_blocked"]  # written before the flag existed: it ran without
+    for flag in plan.BEFORE_FLAG:  # written before the flags existed: it ran without them
+        del older["config"][flag]
     (tmp_path / "older.json").write_text(json.dumps(older))
     assert untimed(plan.summarise([files[0], str(tmp_path / "older.json")])) == untimed(both)
     newer = json.loads((tmp_path / "lewm" / "plan.json").read_text())
