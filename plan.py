@@ -73,8 +73,6 @@ parser.add_argument("--keep-plan", action=argparse.BooleanOptionalAction, defaul
                          "(chosen on the validation pairs: README)")
 parser.add_argument("--time-cost", type=float, default=0.01,
                     help="cost per step of the plan, relative to the current distance to the goal")
-parser.add_argument("--scale-floor", type=float, default=0.0,
-                    help="costs relative to max(current distance, this fraction of the episode's first)")
 parser.add_argument("--cost", default="latent", choices=("latent", "regressed"),
                     help="PEIRA's cost: ‖ẑ − z_goal‖ or ‖Pẑ − z_goal‖ with its regressor P (models with "
                          "pooled moments only)")
@@ -117,7 +115,6 @@ class Planner:
         # --remember-blocked: each episode's last position and action, and {position: blocked actions}
         self.last_pos, self.last_action = torch.zeros(episodes, 2), torch.full((episodes,), -1)
         self.blocked = [{} for _ in range(episodes)]
-        self.start_distance = torch.full((episodes,), math.nan)
 
     def plan(self, pos, episodes):
         args = self.args
@@ -128,13 +125,8 @@ class Planner:
         seq[:, 0] = torch.where(age[:, None] >= 0, self.best[episodes].gather(1, shift), seq[:, 0])
         # cost: the best relative distance along each sequence, plus the steps taken to reach it
         predicted, current = self.distances(pos, episodes, seq)
-        first = age < 0
-        self.start_distance[episodes[first]] = current[first].to(self.start_distance.dtype)
-        scale = current
-        if args.scale_floor > 0:
-            scale = torch.maximum(current, args.scale_floor * self.start_distance[episodes].to(current.dtype))
         steps = torch.arange(1, args.horizon + 1, dtype=predicted.dtype)
-        relative = predicted / scale[:, None, None].clamp_min(1e-8)
+        relative = predicted / current[:, None, None].clamp_min(1e-8)
         cost_by_step = relative + args.time_cost * steps                                  # (E, S, H)
         cost = cost_by_step.amin(-1)                                                      # (E, S)
         if args.keep_plan and self.error is not None:
