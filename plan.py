@@ -7,35 +7,37 @@ preprint, 2025, arXiv:2502.14819).
     python plan.py                              # every <model>.pt in out/two_rooms, 100 episodes
     python plan.py --models out/two_rooms/peira.pt --episodes 20
     python plan.py --seed 500                   # validation pairs: tune here, report --seed 1000
-    python plan.py --no-remember-blocked --no-keep-plan   # the planner as it was before both options
+    python plan.py --no-keep-plan               # the planner before --keep-plan (add --no-remember-blocked:
+                                                # before that too)
     python plan.py --summary out/plan/plan.json,out/plan_peira/plan.json   # rows of two runs, summarised
 
-Planner (model-predictive control by random shooting): every step, --samples piecewise-constant sequences
-of the four actions (--segments constant pieces over --horizon steps) and the previous best plan are
-rolled out in the model; a sequence costs the smallest latent distance ‖ẑ_t − z_goal‖ it reaches, relative
-to the current one, plus --time-cost per step to get there; the first action of the cheapest is taken. The
-time cost (0.01, chosen on the validation pairs) breaks near-ties: with 0.003 the planner was all but
-indifferent between a distance reached now and one reached a dozen steps later, and near the goal it took
-detours whose predicted end was closer by about the model's error, and circled the goal; with 0.03 it
-walks into walls rather than round them. The row "true dynamics + planner, position cost" runs the same
-planner on the real dynamics with the wall-blind distance of positions, the ideal of a latent that encodes
-position (a perfect model, a cost that ignores the wall), so a reader can tell planner from model. All
-episodes are planned as one batch. Each row draws from its own generator, seeded from --seed and the
+Planner (model-predictive control by random shooting): every step, --samples piecewise-constant sequences of
+the four actions (--segments constant pieces over --horizon steps) and the previous best plan are rolled out
+in the model; a sequence costs the smallest latent distance ‖ẑ_t − z_goal‖ it reaches, relative to the
+current one, plus --time-cost per step to get there; the first action of the cheapest is taken (but see
+--keep-plan below). The time cost (0.01, chosen on the validation pairs) breaks near-ties: with 0.003 the
+planner was all but indifferent between a distance reached now and one reached a dozen steps later, and near
+the goal it took detours whose predicted end was closer by about the model's error, and circled the goal;
+with 0.03 it walks into walls rather than round them. The row "true dynamics + planner, position cost" runs
+the same planner on the real dynamics with the wall-blind distance of positions, the ideal of a latent that
+encodes position (a perfect model, a cost that ignores the wall), so a reader can tell planner from model.
+All episodes are planned as one batch. Each row draws from its own generator, seeded from --seed and the
 row's name: a row's success and paths are the same planned alone or with others.
-A move after which the observation did not change (into a wall the model believed passable, e.g. the
-door's edge, a fraction of a pixel away at 16 px) is never again the first move of a plan from there in
-that episode (--no-remember-blocked: it may be, and such a model pushes into the wall to the end).
+A move after which the observation did not change (into a wall the model believed passable, e.g. the door's
+edge, a fraction of a pixel away at 16 px) is never again the first move of a plan from there in that
+episode (--no-remember-blocked: it may be, and such a model pushes into the wall to the end).
 The plan is kept from one step to the next unless a new sequence is cheaper by more than the model's own
-error at the plan's arrival (open_loop_error: the RMS error of its open-loop predictions on held-out
-trajectories), relative to the current distance (--no-keep-plan: the cheapest always wins): the kept plan won
-as the least of many noisy costs and, costed again, has lost that luck; without the margin, near the goal a
-new lucky detour wins at every step and the agent circles the goal. The true dynamics have no error.
-Beside the success table: success by the length of the shortest path (the pairs in thirds), the
-failures by kind (failure_kinds: near the goal, pushing against a wall, elsewhere), and how far each
-model's latent distance points the way (distance_profile: its rank correlation with the true steps to
-a goal over the arena, against a shuffled null, and where it stops rising).
-Writes --out/plan.json, --out/trajectories.png and --out/distance_maps.png (each model's latent
-distance to one goal over the arena).
+error at the plan's arrival (the step where its cost is least; open_loop_error: the RMS error of its
+open-loop predictions on held-out trajectories), relative to the current distance (--no-keep-plan: the
+cheapest always wins): the kept plan won as the least of many noisy costs and, costed again, has lost that
+luck; without the margin, near the goal a new lucky detour wins at every step and the agent circles the
+goal. The true dynamics have no error.
+Beside the success table: success by the length of the shortest path (the pairs in thirds), the failures by
+kind (failure_kinds: near the goal, pushing against a wall, elsewhere), and how far each model's latent
+distance points the way (distance_profile: its rank correlation with the true steps to a goal over the
+arena, against a shuffled null, and where it stops rising).
+Writes --out/plan.json, --out/trajectories.png and --out/distance_maps.png (each model's latent distance to
+one goal over the arena).
 """
 import argparse
 import glob
@@ -133,7 +135,7 @@ class Planner:
             # the kept plan won as the least of many noisy costs; costed again from here it has lost that
             # luck, so a new sequence replaces it only if cheaper by more than the model's own error at
             # the kept plan's arrival (else, near the goal, a new lucky detour wins every step)
-            margin = self.error[cost_by_step[:, 0].argmin(-1)] / current.clamp_min(1e-8)
+            margin = self.error.to(cost)[cost_by_step[:, 0].argmin(-1)] / current.clamp_min(1e-8)
             cost[:, 0] -= torch.where(age >= 0, margin, 0.0)
         if args.remember_blocked:  # no sequence starts with a move already seen blocked from here
             banned = torch.zeros(len(pos), 4, dtype=torch.bool)
@@ -197,12 +199,13 @@ ERROR_SEED = 99991  # held-out trajectories for the models' open-loop error: no 
 
 
 @torch.no_grad()
-def open_loop_error(model, horizon, regressor=None, n=256):
+def open_loop_error(model, horizon, regressor=None, door=(0.5, False), n=256):
     """RMS ‖ẑ_t − z_t‖ (of Pẑ_t with a regressor P) of the model's t-step open-loop predictions, t = 1 ..
-    horizon, on n held-out trajectories of the offline data's random policy: how far a rollout's
-    distances can be trusted (the margin of --keep-plan)."""
-    pos, actions = tr.random_trajectories(n, horizon, ERROR_SEED, tr.parser.get_default("door_fraction"))
-    z = model.encode(tr.render(pos.flatten(0, 1), model.res)).unflatten(0, (n, horizon + 1))
+    horizon, on n held-out trajectories drawn as its offline data were (door: their fraction guided
+    through the door, and whether crossings were dropped): how far a rollout's distances can be
+    trusted (the margin of --keep-plan)."""
+    pos, actions = tr.random_trajectories(n, horizon, ERROR_SEED, *door)
+    z = model.encode(tr.render(pos.flatten(0, 1), model.res)).unflatten(0, pos.shape[:2])  # < n: no_door
     pred = torch.stack(list(model.rollout_steps(z[:, 0], actions)), 1)
     pred = pred if regressor is None else pred @ regressor.T
     return (pred - z[:, 1:]).square().sum(-1).mean(0).sqrt()
@@ -350,8 +353,9 @@ def wilson(k, n, z=1.96):
 
 
 def load_model(path):
-    """(label, world model, PEIRA's regressor or None) from a checkpoint of two_rooms.py; for any
-    other file (foreign, damaged, from an older two_rooms.py) a one-line error naming it."""
+    """(label, world model, PEIRA's regressor or None, its offline data's (door fraction, crossings
+    dropped)) from a checkpoint of two_rooms.py; for any other file (foreign, damaged, from an older
+    two_rooms.py) a one-line error naming it."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(ckpt, dict):  # e.g. a tensor saved alone: ckpt["config"] would index it
@@ -360,6 +364,8 @@ def load_model(path):
         model = tr.WorldModel(config["res"], config["latent"], config["predictor"])
         model.load_state_dict(ckpt["model"])
         label, regressor, render = config["label"], ckpt["regressor"], config.get("render", 1)
+        no_door = bool(config["no_door_data"])
+        door = (0.0 if no_door else float(config["door_fraction"]), no_door)
     except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, KeyError, IndexError, TypeError,
             ValueError, AttributeError) as err:
         reason = (str(err).strip().splitlines() or [""])[0][:120]  # torch's messages run to paragraphs
@@ -370,23 +376,24 @@ def load_model(path):
     if render != tr.RENDER_VERSION:  # its encoder never saw the images it would be given
         raise SystemExit(f"{path} was trained on images rendered by an older two_rooms.py (version {render}, "
                          f"now {tr.RENDER_VERSION}); train it again with `python two_rooms.py`")
-    return label, model.eval(), regressor
+    return label, model.eval(), regressor, door
 
 
 def load_models(spec):
-    """{label: (world model, PEIRA's regressor or None)} from a folder of <model>.pt or a list of files.
-    Labels name the rows and seed their generators: two checkpoints with one label are refused."""
+    """{label: (world model, PEIRA's regressor or None, its data's door settings)} from a folder of
+    <model>.pt or a list of files. Labels name the rows and seed their generators: two checkpoints with
+    one label are refused."""
     paths = sorted(glob.glob(os.path.join(spec, "*.pt"))) if os.path.isdir(spec) else spec.split(",")
     paths = [path for path in paths if not os.path.basename(path).startswith("data_")]  # not the data cache
     if not paths or not all(os.path.isfile(path) for path in paths):
         raise SystemExit(f"no world models at {spec}: train them with `python two_rooms.py` first")
     models, sources = {}, {}
     for path in paths:
-        label, model, regressor = load_model(path)
+        label, model, regressor, door = load_model(path)
         if label in sources:
             raise SystemExit(f"{sources[label]} and {path} are both labelled {label}: plan them in separate "
                              "runs, or train them with different --seed (the label carries it)")
-        models[label], sources[label] = (model, regressor), path
+        models[label], sources[label] = (model, regressor, door), path
     return models
 
 
@@ -420,7 +427,7 @@ def distance_maps(models, goal, out):
     grid, steps = steps_around(goal)
     ok = tr.free(grid)
     maps = {"true steps to the goal": steps}
-    for name, (model, _) in models.items():
+    for name, (model, *_) in models.items():
         z = model.encode(tr.render(grid.reshape(-1, 2), model.res))
         z_goal = model.encode(tr.render(goal[None], model.res))
         maps[f"{name}: ‖z − z_goal‖"] = (z - z_goal).norm(dim=-1).reshape(ok.shape)
@@ -531,7 +538,7 @@ def main(argv=None):
         parser.error("need --replan ≤ --horizon")
     models = load_models(args.models)
     if args.cost == "regressed":  # only PEIRA's checkpoints with pooled moments hold a regressor P
-        plain = [name for name, (_, regressor) in models.items() if regressor is None]
+        plain = [name for name, (_, regressor, _) in models.items() if regressor is None]
         if len(plain) == len(models):
             parser.error(f"--cost regressed needs a PEIRA model with pooled moments (two_rooms.py --moments "
                          f"pooled), which saves its regressor P; {args.models} has none")
@@ -548,9 +555,11 @@ def main(argv=None):
                 "random": lambda pos, episodes: torch.randint(0, 4, (len(pos),), generator=random_gen)}
     row = "true dynamics + planner, position cost"
     policies[row] = Planner(true_distances(goals), len(goals), args, row_generator(args.seed, row))
-    for name, (model, regressor) in models.items():
+    errors = {}
+    for name, (model, regressor, door) in models.items():
         regressor = regressor if args.cost == "regressed" else None
-        error = open_loop_error(model, args.horizon, regressor) if args.keep_plan else None
+        error = open_loop_error(model, args.horizon, regressor, door) if args.keep_plan else None
+        errors[name] = error
         row = f"{name} + planner"
         policies[row] = Planner(latent_distances(model, goals, regressor), len(goals), args,
                                 row_generator(args.seed, row), error)
@@ -572,10 +581,12 @@ def main(argv=None):
                                            else None for i in range(3)],
                      "failures": failure_kinds(success, path, field)})
         paths[name] = path
-    for name, (model, _) in models.items():  # how far each model's latent distance points the way
+    for name, (model, *_) in models.items():  # how far each model's latent distance points the way
         embed = lambda pos, model=model: model.encode(tr.render(pos, model.res))  # noqa: E731
-        next(row for row in rows if row["method"] == f"{name} + planner")["distance_profile"] = \
-            distance_profile(embed, goals[:PROFILE_GOALS])
+        row = next(row for row in rows if row["method"] == f"{name} + planner")
+        row["distance_profile"] = distance_profile(embed, goals[:PROFILE_GOALS])
+        if errors[name] is not None:  # the margin of --keep-plan, after each step of a plan
+            row["open_loop_error"] = errors[name].tolist()
 
     # the table, plan.json and the figures
     print(f"\nTwo Rooms, {args.episodes} episodes (start/goal seed {args.seed}), success within "
@@ -608,6 +619,12 @@ def main(argv=None):
             radius = "—" if p["basin_radius"] is None else p["basin_radius"]
             print(f"| {name} | {p['spearman']:.2f} ({p['spearman_shuffled']:+.2f}) | {radius} | "
                   + " | ".join(f"{x:.2f}" for x in p["profile"]) + " |")
+    if args.keep_plan and errors:
+        at = sorted({1, min(16, args.horizon), args.horizon})
+        print("\nOpen-loop error of each model: RMS ‖ẑ_t − z_t‖ on held-out trajectories (the margin of "
+              f"--keep-plan)\n\n| model | {' | '.join(f'{t} steps' for t in at)} |\n|---|" + "---|" * len(at))
+        for name, error in errors.items():
+            print(f"| {name} | " + " | ".join(f"{error[t - 1]:.2f}" for t in at) + " |")
     print_seed_summary(by_objective(rows))
     with open(os.path.join(args.out, "plan.json"), "w") as fh:
         json.dump({"config": vars(args), "rows": rows}, fh, indent=1)

@@ -2151,47 +2151,57 @@ def test_planner_remembers_the_moves_a_wall_blocked():
     assert blocked and not any(a[0] + 1 == b[0] and a[1:] == b[1:] for a, b in zip(blocked, blocked[1:]))
 
 
-@pytest.mark.parametrize("cheaper, error, flags, kept", [(0.05, 0.1, [], True), (0.2, 0.1, [], False),
-                                                        (0.05, None, [], False),
-                                                        (0.05, 0.1, ["--no-keep-plan"], False)])
+@pytest.mark.parametrize("cheaper, error, flags, kept", [(0.05, True, [], True), (0.12, True, [], False),
+                                                        (0.05, False, [], False),
+                                                        (0.05, True, ["--no-keep-plan"], False)])
 def test_planner_keeps_its_plan_unless_a_new_one_is_cheaper_by_more_than_the_model_error(cheaper, error,
                                                                                          flags, kept):
-    """First plan: sequence 5 is predicted to reach 0.5 at its second step (every other distance is 1), so it
-    becomes the plan. Second plan: the kept plan (shifted to now, the first candidate) reaches 0.5 at its
-    first step, sequence 7 reaches 0.5 − `cheaper`. With the model's error 0.1 at every step (relative: the
-    current distance is 1), a sequence 0.05 cheaper leaves the plan as it was, one 0.2 cheaper replaces it;
-    with no error (the true dynamics) or --no-keep-plan the cheaper one wins."""
+    """The current distance is 2 and the model's error after t + 1 steps 0.02 + 0.38 t / 7. First plan:
+    sequence 5 reaches 0.5 of the current distance at its second step, sequence 0 (no plan kept yet: no
+    margin) 0.51, so sequence 5 becomes the plan. Second plan: the kept plan (shifted to now, the first
+    candidate) reaches 0.5 at its fourth step, where the margin is error[3] / 2 = 0.091; sequence 7 reaches
+    0.5 − `cheaper` there. A sequence 0.05 cheaper leaves the plan as it was, one 0.12 cheaper replaces it
+    (a margin read at another step, or not divided by the current distance, would decide one of the two
+    otherwise); with no error (the true dynamics) or --no-keep-plan the cheaper one wins."""
     horizon, samples, candidates = 8, 16, []
 
     def distances(pos, episodes, seq):
-        predicted = torch.ones(seq.shape)
+        predicted = torch.full(seq.shape, 2.0)
         if candidates:
-            predicted[0, 0, 0], predicted[0, 7, 0] = 0.5, 0.5 - cheaper
+            predicted[0, 0, 3], predicted[0, 7, 3] = 2 * 0.5, 2 * (0.5 - cheaper)
         else:
-            predicted[0, 5, 1] = 0.5
+            predicted[0, 5, 1], predicted[0, 0, 1] = 2 * 0.5, 2 * 0.51
         candidates.append(seq[0].clone())
-        return predicted, torch.ones(len(pos))
+        return predicted, torch.full((len(pos),), 2.0)
 
     args = plan.parser.parse_args(["--horizon", str(horizon), "--samples", str(samples)] + flags)
-    error = None if error is None else torch.full((horizon,), error)
+    error = torch.linspace(0.02, 0.4, horizon) if error else None
     planner = plan.Planner(distances, 1, args, torch.Generator().manual_seed(0), error)
-    for xy in ([20.0, 30.0], [22.0, 30.0]):
-        planner(torch.tensor([xy]), torch.tensor([0]))
-    first, second = candidates
+    planner(torch.tensor([[20.0, 30.0]]), torch.tensor([0]))
+    first = candidates[0]
+    assert torch.equal(planner.best[0], first[5])
+    planner(torch.tensor([[22.0, 30.0]]), torch.tensor([0]))
+    second = candidates[1]
     assert torch.equal(second[0], first[5, (torch.arange(horizon) + 1).clamp(max=horizon - 1)])
     assert not torch.equal(second[0], second[7])
     assert torch.equal(planner.best[0], second[0] if kept else second[7])
 
 
-def test_open_loop_error_is_the_rms_error_of_the_models_rollouts():
+@pytest.mark.parametrize("regressed", [False, True])
+def test_open_loop_error_is_the_rms_error_of_the_models_rollouts(regressed):
+    """open_loop_error against the model's full rollout on the same held-out trajectories, drawn as the
+    model's data were (here: without door crossings)."""
     torch.manual_seed(0)
     model = tr.WorldModel(16, 8).eval()
-    pos, actions = tr.random_trajectories(256, 6, plan.ERROR_SEED, 0.5)
+    regressor = torch.randn(8, 8) if regressed else None
+    pos, actions = tr.random_trajectories(256, 6, plan.ERROR_SEED, 0.0, True)
+    n = len(pos)
     with torch.no_grad():
-        z = model.encode(tr.render(pos.reshape(-1, 2), 16)).reshape(256, 7, 8)
+        z = model.encode(tr.render(pos.reshape(-1, 2), 16)).reshape(n, 7, 8)
         pred = model.rollout(z[:, 0], actions)
+    pred = pred if regressor is None else pred @ regressor.T
     expected = torch.stack([(pred[:, t] - z[:, t + 1]).norm(dim=-1).square().mean().sqrt() for t in range(6)])
-    torch.testing.assert_close(plan.open_loop_error(model, 6), expected)
+    torch.testing.assert_close(plan.open_loop_error(model, 6, regressor, (0.0, True)), expected)
 
 
 def test_failure_kinds_tell_near_misses_walls_and_wandering_apart():
