@@ -364,8 +364,9 @@ def load_model(path):
         model = tr.WorldModel(config["res"], config["latent"], config["predictor"])
         model.load_state_dict(ckpt["model"])
         label, regressor, render = config["label"], ckpt["regressor"], config.get("render", 1)
-        no_door = bool(config["no_door_data"])
-        door = (0.0 if no_door else float(config["door_fraction"]), no_door)
+        no_door = bool(config.get("no_door_data", False))  # the defaults: before the flags existed
+        door_fraction = float(config.get("door_fraction", tr.parser.get_default("door_fraction")))
+        door = (0.0 if no_door else door_fraction, no_door)
     except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, KeyError, IndexError, TypeError,
             ValueError, AttributeError) as err:
         reason = (str(err).strip().splitlines() or [""])[0][:120]  # torch's messages run to paragraphs
