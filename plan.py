@@ -205,8 +205,8 @@ def open_loop_error(model, horizon, regressor=None, door=(0.5, False), n=256):
     through the door, and whether crossings were dropped): how far a rollout's distances can be
     trusted (the margin of --keep-plan)."""
     pos, actions = tr.random_trajectories(n, horizon, ERROR_SEED, *door)
-    z = model.encode(tr.render(pos.flatten(0, 1), model.res)).unflatten(0, pos.shape[:2])  # < n: no_door
-    pred = torch.stack(list(model.rollout_steps(z[:, 0], actions)), 1)
+    z = model.encode(tr.render(pos, model.res))
+    pred = model.rollout(z[:, 0], actions)
     pred = pred if regressor is None else pred @ regressor.T
     return (pred - z[:, 1:]).square().sum(-1).mean(0).sqrt()
 
@@ -364,9 +364,9 @@ def load_model(path):
         model = tr.WorldModel(config["res"], config["latent"], config["predictor"])
         model.load_state_dict(ckpt["model"])
         label, regressor, render = config["label"], ckpt["regressor"], config.get("render", 1)
-        no_door = bool(config.get("no_door_data", False))  # the defaults: before the flags existed
-        door_fraction = float(config.get("door_fraction", tr.parser.get_default("door_fraction")))
-        door = (0.0 if no_door else door_fraction, no_door)
+        # the offline data's settings as two_rooms.py keys its cache (its defaults: before the flags existed)
+        data = tr.data_config(argparse.Namespace(**{**vars(tr.parser.parse_args([])), **config}))
+        door = (data["door_fraction"], data["no_door"])
     except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, KeyError, IndexError, TypeError,
             ValueError, AttributeError) as err:
         reason = (str(err).strip().splitlines() or [""])[0][:120]  # torch's messages run to paragraphs
