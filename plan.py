@@ -184,15 +184,53 @@ def latent_distances(model, goals, regressor=None):
 
     @torch.no_grad()
     def distances(pos, episodes, seq):
-        n_episodes, n_samples, horizon = seq.shape
         z0, goal = model.encode(tr.render(pos, model.res)), goal_z[episodes]
-        # one distance per step of the rollout kept, instead of every predicted embedding
-        z, goal_rows = z0.repeat_interleave(n_samples, 0), goal.repeat_interleave(n_samples, 0)
-        steps = model.rollout_steps(z, seq.reshape(n_episodes * n_samples, horizon))
-        out = torch.stack([((pred if regressor is None else pred @ regressor.T) - goal_rows).norm(dim=-1)
-                           for pred in steps], 1)
-        return out.reshape(n_episodes, n_samples, horizon), (z0 - goal).norm(dim=-1)
+        return rollout_distances(model, z0, goal, seq, regressor), (z0 - goal).norm(dim=-1)
     return distances
+
+
+MIN_ROWS = 8  # a CPU matrix product of fewer rows takes another kernel, which rounds otherwise
+
+
+@torch.no_grad()
+def rollout_distances(model, z0, goal, seq, regressor=None):
+    """Distances ‖ẑ_t − goal‖ (E, S, H) along the model's rollouts of the action sequences seq (E, S, H)
+    from the embeddings z0 (E, D), keeping one distance per step instead of every predicted embedding.
+    Each step is predicted once for the sequences that agree so far: while a sequence repeats its first
+    action, its predictions are those of that action repeated from z0, shared by all the episode's
+    sequences that start with it (a trunk, 4 per episode); from its first change on it has rows of its own.
+    The same numbers as rolling out every sequence alone, with about 40% fewer predictions for the
+    planner's piecewise-constant sequences."""
+    n_episodes, n_samples, horizon = seq.shape
+    n_trunks, steps = 4 * n_episodes, torch.arange(horizon, device=seq.device)
+    # a sequence's run: its steps before the first change of action (all H if none)
+    seq = seq.flatten(0, 1)
+    changed = seq != seq[:, :1]
+    run = torch.where(changed.any(1), changed.int().argmax(1), horizon)
+    # rows: the trunks (row 4e + a: episode e repeating action a), then the sequences by the length of their
+    # run, so that those that have left their trunk by step t are the rows up to in_use[t]
+    order = run.argsort(stable=True)
+    seq, run = seq[order], run[order]
+    in_use = (n_trunks + torch.searchsorted(run, steps, right=True)).tolist()
+    trunk_actions = torch.arange(4, device=seq.device).repeat(n_episodes)[:, None].expand(-1, horizon)
+    onehot = torch.nn.functional.one_hot(torch.cat([trunk_actions, seq]), 4).to(z0.dtype)
+    trunk = torch.cat([torch.arange(n_trunks, device=seq.device),  # every row's trunk (a trunk is its own)
+                       order.div(n_samples, rounding_mode="floor") * 4 + seq[:, 0]])
+    run = torch.cat([run.new_full((n_trunks,), horizon), run])
+    goal = goal.repeat_interleave(4, 0)[trunk]
+    z = torch.cat([z0.repeat_interleave(4, 0), z0.new_zeros(len(seq), z0.shape[1])])
+    out = z0.new_empty(len(z), horizon)
+    for t in range(horizon):
+        # the sequences whose run ends at step t leave their trunk, from its embedding after t steps
+        entering = slice(in_use[t - 1] if t else n_trunks, in_use[t])
+        z[entering] = z[trunk[entering]]
+        rows = min(max(in_use[t], MIN_ROWS), len(z))
+        z[:rows] = model.step(z[:rows], onehot[:rows, t])
+        pred = z[:rows] if regressor is None else z[:rows] @ regressor.T
+        out[:rows, t] = (pred - goal[:rows]).norm(dim=-1)
+    # a sequence's distances: its trunk's up to its first change, then its own
+    own = torch.where(steps < run[:, None], out[trunk], out)[n_trunks:]
+    return own[order.argsort()].reshape(n_episodes, n_samples, horizon)
 
 
 ERROR_SEED = 99991  # held-out trajectories for the models' open-loop error: no training run draws this seed

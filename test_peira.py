@@ -2091,27 +2091,32 @@ def test_planner_with_the_true_dynamics_reaches_95_percent_of_cross_room_pairs()
     assert (steps >= oracle_steps).all()  # nothing beats the shortest path
 
 
-@pytest.mark.parametrize("regressed", [False, True])
-def test_latent_distances_equal_those_of_the_model_rollout(regressed):
-    """plan.latent_distances keeps one distance per step of its rollout: the same numbers as the
-    distances of model.rollout's embeddings (through a regressor P: the same to rounding)."""
+@pytest.mark.parametrize("predictor,regressed", [("mlp", False), ("mlp", True), ("gru", False)])
+def test_latent_distances_equal_those_of_the_model_rollout(predictor, regressed):
+    """plan.latent_distances keeps one distance per step of its rollout, and predicts a step once for the
+    sequences that agree so far (rollout_distances): the same numbers as the distances of model.rollout's
+    embeddings of every sequence alone (to rounding: other matrix shapes), for runs of every length:
+    sequences that change at the first step, halfway, never, and episodes of one sequence or many."""
     torch.manual_seed(0)
-    model = tr.WorldModel(16, 8).eval()
+    model = tr.WorldModel(16, 8, predictor).eval()
     starts, goals = tr.start_goal_pairs(3, 0)
-    seq = plan.segment_sequences(3, 5, 7, 3, torch.Generator().manual_seed(0))
+    seq = plan.segment_sequences(3, 9, 7, 3, torch.Generator().manual_seed(0))
+    seq[0, 0] = 2  # never changes
+    seq[1, 0] = torch.tensor([1, 3, 3, 3, 3, 3, 3])  # changes at the first step
+    seq[2, :2] = torch.tensor([0, 0, 0, 1, 1, 1, 0])  # two that change at step 3
     regressor = torch.randn(8, 8) if regressed else None
     episodes = torch.tensor([2, 0, 1])  # the goals of other episodes than the rows' order
-    predicted, current = plan.latent_distances(model, goals, regressor)(starts, episodes, seq)
-    with torch.no_grad():
-        z0, goal = model.encode(tr.render(starts, 16)), model.encode(tr.render(goals[episodes], 16))
-        pred = model.rollout(z0.repeat_interleave(5, 0), seq.reshape(15, 7)).reshape(3, 5, 7, 8)
-        pred = pred if regressor is None else pred @ regressor.T
-        expected = (pred - goal[:, None, None]).norm(dim=-1)
-    assert torch.equal(current, (z0 - goal).norm(dim=-1))
-    if regressed:
+    for rows in (slice(0, 3), slice(1, 2)):
+        predicted, current = plan.latent_distances(model, goals, regressor)(starts[rows], episodes[rows],
+                                                                            seq[rows])
+        with torch.no_grad():
+            z0 = model.encode(tr.render(starts[rows], 16))
+            goal = model.encode(tr.render(goals, 16))[episodes[rows]]
+            pred = model.rollout(z0.repeat_interleave(9, 0), seq[rows].flatten(0, 1)).reshape(-1, 9, 7, 8)
+            pred = pred if regressor is None else pred @ regressor.T
+            expected = (pred - goal[:, None, None]).norm(dim=-1)
+        assert torch.equal(current, (z0 - goal).norm(dim=-1))
         torch.testing.assert_close(predicted, expected, rtol=1e-6, atol=1e-6)
-    else:
-        assert torch.equal(predicted, expected)
 
 
 def test_planner_remembers_the_moves_a_wall_blocked():

@@ -338,7 +338,8 @@ class WorldModel(nn.Module):
         else:
             # ReLUs in place: the same numbers, a planner's rollouts 15% faster on the CPU
             self.mlp = nn.Sequential(nn.Linear(latent + 4, hidden), nn.ReLU(inplace=True),
-                                     nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, latent))
+                                     nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+                                     nn.Linear(hidden, latent))
         self.predictor, self.res, self.latent = predictor, res, latent
 
     def step(self, z, onehot):
