@@ -73,6 +73,9 @@ parser.add_argument("--keep-plan", action=argparse.BooleanOptionalAction, defaul
                     help="the previous plan is kept unless a new one is cheaper by more than the model's "
                          "open-loop error at the kept plan's arrival, relative to the current distance "
                          "(chosen on the validation pairs: README)")
+parser.add_argument("--margin-scale", type=float, default=1.0,
+                    help="--keep-plan's margin as a multiple of the model's open-loop error (the same tuning for "
+                         "every objective, on the validation pairs: README)")
 parser.add_argument("--time-cost", type=float, default=0.01,
                     help="cost per step of the plan, relative to the current distance to the goal")
 parser.add_argument("--cost", default="latent", choices=("latent", "regressed"),
@@ -135,7 +138,8 @@ class Planner:
             # the kept plan won as the least of many noisy costs; costed again from here it has lost that
             # luck, so a new sequence replaces it only if cheaper by more than the model's own error at
             # the kept plan's arrival (else, near the goal, a new lucky detour wins every step)
-            margin = self.error.to(cost)[cost_by_step[:, 0].argmin(-1)] / current.clamp_min(1e-8)
+            error = args.margin_scale * self.error.to(cost)
+            margin = error[cost_by_step[:, 0].argmin(-1)] / current.clamp_min(1e-8)
             cost[:, 0] -= torch.where(age >= 0, margin, 0.0)
         if args.remember_blocked:  # no sequence starts with a move already seen blocked from here
             banned = torch.zeros(len(pos), 4, dtype=torch.bool)
@@ -573,6 +577,8 @@ def main(argv=None):
         parser.error("need --horizon, --episodes, --samples, --segments, --replan ≥ 1")
     if not 0 <= args.time_cost < math.inf:  # nan fails too
         parser.error(f"need a finite --time-cost ≥ 0, got {args.time_cost}")
+    if not 0 <= args.margin_scale < math.inf:
+        parser.error(f"need a finite --margin-scale ≥ 0, got {args.margin_scale}")
     if not args.replan <= args.horizon:
         parser.error("need --replan ≤ --horizon")
     models = load_models(args.models)

@@ -2158,7 +2158,9 @@ def test_planner_remembers_the_moves_a_wall_blocked():
 
 @pytest.mark.parametrize("cheaper, error, flags, kept", [(0.05, True, [], True), (0.12, True, [], False),
                                                         (0.05, False, [], False),
-                                                        (0.05, True, ["--no-keep-plan"], False)])
+                                                        (0.05, True, ["--no-keep-plan"], False),
+                                                        (0.12, True, ["--margin-scale", "2"], True),
+                                                        (0.05, True, ["--margin-scale", "0.5"], False)])
 def test_planner_keeps_its_plan_unless_a_new_one_is_cheaper_by_more_than_the_model_error(cheaper, error,
                                                                                          flags, kept):
     """The current distance is 2 and the model's error after t + 1 steps 0.02 + 0.38 t / 7. First plan:
@@ -2167,7 +2169,8 @@ def test_planner_keeps_its_plan_unless_a_new_one_is_cheaper_by_more_than_the_mod
     candidate) reaches 0.5 at its fourth step, where the margin is error[3] / 2 = 0.091; sequence 7 reaches
     0.5 − `cheaper` there. A sequence 0.05 cheaper leaves the plan as it was, one 0.12 cheaper replaces it
     (a margin read at another step, or not divided by the current distance, would decide one of the two
-    otherwise); with no error (the true dynamics) or --no-keep-plan the cheaper one wins."""
+    otherwise); with no error (the true dynamics) or --no-keep-plan the cheaper one wins. --margin-scale 2
+    doubles the margin (0.182: the plan stays against 0.12), 0.5 halves it (0.046: 0.05 replaces it)."""
     horizon, samples, candidates = 8, 16, []
 
     def distances(pos, episodes, seq):
@@ -2481,7 +2484,7 @@ def test_plan_refuses_foreign_damaged_stale_and_duplicate_checkpoints_in_one_lin
 def test_plan_and_two_rooms_reject_nonsense_flags(tiny_two_rooms, tmp_path, capsys, monkeypatch):
     empty = str(tmp_path)  # never reached: the parser refuses first
     for bad in (["--horizon", "0"], ["--horizon", "-2"], ["--time-cost", "nan"], ["--time-cost", "inf"],
-                ["--samples", "0"]):
+                ["--samples", "0"], ["--margin-scale", "-1"], ["--margin-scale", "nan"]):
         with pytest.raises(SystemExit) as exc:
             plan.main(["--models", empty, *bad])
         assert exc.value.code == 2, bad  # a parser error
