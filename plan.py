@@ -21,8 +21,9 @@ the goal it took detours whose predicted end was closer by about the model's err
 with 0.03 it walks into walls rather than round them. The row "true dynamics + planner, position cost" runs
 the same planner on the real dynamics with the wall-blind distance of positions, the ideal of a latent that
 encodes position (a perfect model, a cost that ignores the wall), so a reader can tell planner from model.
-All episodes are planned as one batch. Each row draws from its own generator, seeded from --seed and the
-row's name: a row's success and paths are the same planned alone or with others.
+All episodes are planned as one batch, and each step of the rollouts is predicted once for the sequences that
+agree so far (rollout_distances). Each row draws from its own generator, seeded from --seed and the row's
+name: a row's success and paths are the same planned alone or with others.
 A move after which the observation did not change (into a wall the model believed passable, e.g. the door's
 edge, a fraction of a pixel away at 16 px) is never again the first move of a plan from there in that
 episode (--no-remember-blocked: it may be, and such a model pushes into the wall to the end).
