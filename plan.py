@@ -75,8 +75,8 @@ parser.add_argument("--keep-plan", action=argparse.BooleanOptionalAction, defaul
                          "open-loop error at the kept plan's arrival, relative to the current distance "
                          "(chosen on the validation pairs: README)")
 parser.add_argument("--margin-scale", type=float, default=1.0,
-                    help="--keep-plan's margin as a multiple of the model's open-loop error (the same tuning for "
-                         "every objective, on the validation pairs: README)")
+                    help="--keep-plan's margin as a multiple of the model's open-loop error (tuned alike for "
+                         "every objective on the validation pairs: README)")
 parser.add_argument("--time-cost", type=float, default=0.01,
                     help="cost per step of the plan, relative to the current distance to the goal")
 parser.add_argument("--cost", default="latent", choices=("latent", "regressed"),
