@@ -29,10 +29,10 @@ edge, a fraction of a pixel away at 16 px) is never again the first move of a pl
 episode (--no-remember-blocked: it may be, and such a model pushes into the wall to the end).
 The plan is kept from one step to the next unless a new sequence is cheaper by more than the model's own
 error at the plan's arrival (the step where its cost is least; open_loop_error: the RMS error of its
-open-loop predictions on held-out trajectories), relative to the current distance (--no-keep-plan: the
-cheapest always wins): the kept plan won as the least of many noisy costs and, costed again, has lost that
-luck; without the margin, near the goal a new lucky detour wins at every step and the agent circles the
-goal. The true dynamics have no error.
+open-loop predictions on held-out trajectories) times --margin-scale (1), relative to the current distance
+(--no-keep-plan: the cheapest always wins): the kept plan won as the least of many noisy costs and, costed
+again, has lost that luck; without the margin, near the goal a new lucky detour wins at every step and the
+agent circles the goal. The true dynamics have no error.
 Beside the success table: success by the length of the shortest path (the pairs in thirds), the failures by
 kind (failure_kinds: near the goal, pushing against a wall, elsewhere), and how far each model's latent
 distance points the way (distance_profile: its rank correlation with the true steps to a goal over the
@@ -138,7 +138,8 @@ class Planner:
         if args.keep_plan and self.error is not None:
             # the kept plan won as the least of many noisy costs; costed again from here it has lost that
             # luck, so a new sequence replaces it only if cheaper by more than the model's own error at
-            # the kept plan's arrival (else, near the goal, a new lucky detour wins every step)
+            # the kept plan's arrival, times --margin-scale (else, near the goal, a new lucky detour wins
+            # every step)
             error = args.margin_scale * self.error.to(cost)
             margin = error[cost_by_step[:, 0].argmin(-1)] / current.clamp_min(1e-8)
             cost[:, 0] -= torch.where(age >= 0, margin, 0.0)
@@ -194,7 +195,7 @@ def latent_distances(model, goals, regressor=None):
     return distances
 
 
-MIN_ROWS = 8  # a CPU matrix product of fewer rows takes another kernel, which rounds otherwise
+MIN_ROWS = 16  # products of fewer rows take other CPU kernels, which round otherwise (measured: 1-11 rows)
 
 
 @torch.no_grad()
@@ -203,38 +204,42 @@ def rollout_distances(model, z0, goal, seq, regressor=None):
     from the embeddings z0 (E, D), keeping one distance per step instead of every predicted embedding.
     Each step is predicted once for the sequences that agree so far: while a sequence repeats its first
     action, its predictions are those of that action repeated from z0, shared by all the episode's
-    sequences that start with it (a trunk, 4 per episode); from its first change on it has rows of its own.
-    The same numbers as rolling out every sequence alone, with about 40% fewer predictions for the
-    planner's piecewise-constant sequences."""
+    sequences that start with it (a trunk, one per episode and action); from its first change on it has
+    rows of its own. The same numbers as model.rollout of all the sequences in one batch (bitwise on the
+    CPU of README's runs, given MIN_ROWS), with about 40% fewer predictions for the planner's
+    piecewise-constant sequences."""
     n_episodes, n_samples, horizon = seq.shape
-    n_trunks, steps = 4 * n_episodes, torch.arange(horizon, device=seq.device)
-    # a sequence's run: its steps before the first change of action (all H if none)
-    seq = seq.flatten(0, 1)
-    changed = seq != seq[:, :1]
+    n_actions, device = 4, seq.device
+    n_trunks, t_index = n_actions * n_episodes, torch.arange(horizon, device=device)
+    # each sequence's run: its steps before the first change of action (all H if none)
+    flat = seq.flatten(0, 1)
+    changed = flat != flat[:, :1]
     run = torch.where(changed.any(1), changed.int().argmax(1), horizon)
     # rows: the trunks (row 4e + a: episode e repeating action a), then the sequences by the length of their
-    # run, so that those that have left their trunk by step t are the rows up to in_use[t]
+    # run, so that those that have left their trunk by step t are the rows before in_use[t]
     order = run.argsort(stable=True)
-    seq, run = seq[order], run[order]
-    in_use = (n_trunks + torch.searchsorted(run, steps, right=True)).tolist()
-    trunk_actions = torch.arange(4, device=seq.device).repeat(n_episodes)[:, None].expand(-1, horizon)
-    onehot = torch.nn.functional.one_hot(torch.cat([trunk_actions, seq]), 4).to(z0.dtype)
-    trunk = torch.cat([torch.arange(n_trunks, device=seq.device),  # every row's trunk (a trunk is its own)
-                       order.div(n_samples, rounding_mode="floor") * 4 + seq[:, 0]])
-    run = torch.cat([run.new_full((n_trunks,), horizon), run])
-    goal = goal.repeat_interleave(4, 0)[trunk]
-    z = torch.cat([z0.repeat_interleave(4, 0), z0.new_zeros(len(seq), z0.shape[1])])
-    out = z0.new_empty(len(z), horizon)
+    in_use = (n_trunks + torch.searchsorted(run[order], t_index, right=True)).tolist()
+    trunk_actions = torch.arange(n_actions, device=device).repeat(n_episodes)[:, None].expand(-1, horizon)
+    row_actions = torch.cat([trunk_actions, flat[order]])
+    onehot = torch.nn.functional.one_hot(row_actions, n_actions).to(z0.dtype)
+    row_trunk = torch.cat([torch.arange(n_trunks, device=device),  # a trunk is its own
+                           order.div(n_samples, rounding_mode="floor") * n_actions + flat[order, 0]])
+    row_run = torch.cat([run.new_full((n_trunks,), horizon), run[order]])
+    row_goal = goal.repeat_interleave(n_actions, 0)[row_trunk]
+    z = torch.cat([z0.repeat_interleave(n_actions, 0), z0.new_zeros(len(order), z0.shape[1])])
+    out = z0.new_zeros(len(z), horizon)
     for t in range(horizon):
         # the sequences whose run ends at step t leave their trunk, from its embedding after t steps
         entering = slice(in_use[t - 1] if t else n_trunks, in_use[t])
-        z[entering] = z[trunk[entering]]
+        z[entering] = z[row_trunk[entering]]
+        # rows past in_use[t] (padding up to MIN_ROWS) are overwritten when they enter, and their distances
+        # before that are their trunk's
         rows = min(max(in_use[t], MIN_ROWS), len(z))
         z[:rows] = model.step(z[:rows], onehot[:rows, t])
         pred = z[:rows] if regressor is None else z[:rows] @ regressor.T
-        out[:rows, t] = (pred - goal[:rows]).norm(dim=-1)
+        out[:rows, t] = (pred - row_goal[:rows]).norm(dim=-1)
     # a sequence's distances: its trunk's up to its first change, then its own
-    own = torch.where(steps < run[:, None], out[trunk], out)[n_trunks:]
+    own = torch.where(t_index < row_run[:, None], out[row_trunk], out)[n_trunks:]
     return own[order.argsort()].reshape(n_episodes, n_samples, horizon)
 
 
@@ -580,6 +585,8 @@ def main(argv=None):
         parser.error(f"need a finite --time-cost ≥ 0, got {args.time_cost}")
     if not 0 <= args.margin_scale < math.inf:
         parser.error(f"need a finite --margin-scale ≥ 0, got {args.margin_scale}")
+    if args.margin_scale != 1 and not args.keep_plan:
+        parser.error("--margin-scale scales --keep-plan's margin: it does nothing with --no-keep-plan")
     if not args.replan <= args.horizon:
         parser.error("need --replan ≤ --horizon")
     models = load_models(args.models)

@@ -2096,13 +2096,13 @@ def test_latent_distances_equal_those_of_the_model_rollout(predictor, regressed)
     """plan.latent_distances keeps one distance per step of its rollout, and predicts a step once for the
     sequences that agree so far (rollout_distances): the same numbers as the distances of model.rollout's
     embeddings of every sequence alone (to rounding: other matrix shapes), for runs of every length:
-    sequences that change at the first step, halfway, never, and episodes of one sequence or many."""
+    sequences that change after their first action, halfway, never, and one episode or several."""
     torch.manual_seed(0)
     model = tr.WorldModel(16, 8, predictor).eval()
     starts, goals = tr.start_goal_pairs(3, 0)
     seq = plan.segment_sequences(3, 9, 7, 3, torch.Generator().manual_seed(0))
     seq[0, 0] = 2  # never changes
-    seq[1, 0] = torch.tensor([1, 3, 3, 3, 3, 3, 3])  # changes at the first step
+    seq[1, 0] = torch.tensor([1, 3, 3, 3, 3, 3, 3])  # changes after its first action
     seq[2, :2] = torch.tensor([0, 0, 0, 1, 1, 1, 0])  # two that change at step 3
     regressor = torch.randn(8, 8) if regressed else None
     episodes = torch.tensor([2, 0, 1])  # the goals of other episodes than the rows' order
@@ -2160,7 +2160,8 @@ def test_planner_remembers_the_moves_a_wall_blocked():
                                                         (0.05, False, [], False),
                                                         (0.05, True, ["--no-keep-plan"], False),
                                                         (0.12, True, ["--margin-scale", "2"], True),
-                                                        (0.05, True, ["--margin-scale", "0.5"], False)])
+                                                        (0.05, True, ["--margin-scale", "0.5"], False),
+                                                        (0.05, True, ["--margin-scale", "0.6"], True)])
 def test_planner_keeps_its_plan_unless_a_new_one_is_cheaper_by_more_than_the_model_error(cheaper, error,
                                                                                          flags, kept):
     """The current distance is 2 and the model's error after t + 1 steps 0.02 + 0.38 t / 7. First plan:
@@ -2170,7 +2171,8 @@ def test_planner_keeps_its_plan_unless_a_new_one_is_cheaper_by_more_than_the_mod
     0.5 − `cheaper` there. A sequence 0.05 cheaper leaves the plan as it was, one 0.12 cheaper replaces it
     (a margin read at another step, or not divided by the current distance, would decide one of the two
     otherwise); with no error (the true dynamics) or --no-keep-plan the cheaper one wins. --margin-scale 2
-    doubles the margin (0.182: the plan stays against 0.12), 0.5 halves it (0.046: 0.05 replaces it)."""
+    doubles the margin (0.182: the plan stays against 0.12), 0.5 halves it (0.046: 0.05 replaces it), 0.6
+    makes it 0.055 (the plan stays against 0.05; 0.033 if the scale were squared)."""
     horizon, samples, candidates = 8, 16, []
 
     def distances(pos, episodes, seq):
@@ -2484,7 +2486,8 @@ def test_plan_refuses_foreign_damaged_stale_and_duplicate_checkpoints_in_one_lin
 def test_plan_and_two_rooms_reject_nonsense_flags(tiny_two_rooms, tmp_path, capsys, monkeypatch):
     empty = str(tmp_path)  # never reached: the parser refuses first
     for bad in (["--horizon", "0"], ["--horizon", "-2"], ["--time-cost", "nan"], ["--time-cost", "inf"],
-                ["--samples", "0"], ["--margin-scale", "-1"], ["--margin-scale", "nan"]):
+                ["--samples", "0"], ["--margin-scale", "-1"], ["--margin-scale", "nan"],
+                ["--margin-scale", "2", "--no-keep-plan"]):
         with pytest.raises(SystemExit) as exc:
             plan.main(["--models", empty, *bad])
         assert exc.value.code == 2, bad  # a parser error
