@@ -548,12 +548,16 @@ def print_seed_summary(groups):
                 print(f"| peira − {objective} | {100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] |")
 
 
+PER_OBJECTIVE = ("margin_scale",)  # planner settings tuned for each objective alike on the validation pairs
+
+
 def summarise(paths):
     """Success over training seeds (print_seed_summary) from the rows that separate runs of plan.py
     wrote into their plan.json files: rows are independent of each other (each its own generator), so
-    rows of runs with the same pairs and planner settings can be put side by side; a row of a later
-    file replaces an earlier one of the same name."""
-    rows, settings = {}, None
+    rows of runs with the same pairs and planner settings can be put side by side (settings tuned for
+    each objective, PER_OBJECTIVE, may differ: each file's are printed); a row of a later file replaces
+    an earlier one of the same name."""
+    rows, settings, sources = {}, None, []
     # a flag newer than a file: its run did what plan.py did before the flag existed
     defaults = {**vars(parser.parse_args([])), **BEFORE_FLAG}
     for path in paths:
@@ -561,7 +565,9 @@ def summarise(paths):
             with open(path) as fh:
                 saved = json.load(fh)
             config = {**defaults, **saved["config"]}
-            config = {k: v for k, v in config.items() if k not in ("models", "out", "summary")}
+            tuned = ", ".join(f"--{k.replace('_', '-')} {config[k]:g}" for k in PER_OBJECTIVE)
+            unshared = ("models", "out", "summary", *PER_OBJECTIVE)
+            config = {k: v for k, v in config.items() if k not in unshared}
             planned = saved["rows"]
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise SystemExit(f"{path} is not a plan.json of plan.py ({type(err).__name__}: {err})") from None
@@ -569,8 +575,10 @@ def summarise(paths):
             raise SystemExit(f"{path} was planned with other settings than {paths[0]}: "
                              f"{ {k: v for k, v in config.items() if settings.get(k) != v} }")
         settings = config
+        sources.append(f"{path} ({tuned})")
         rows.update({row["method"]: row for row in planned})
-    print(f"Rows of {', '.join(paths)} ({settings['episodes']} episodes, start/goal seed {settings['seed']})")
+    print(f"Rows of {', '.join(sources)} ({settings['episodes']} episodes, start/goal seed "
+          f"{settings['seed']})")
     print_seed_summary(by_objective(rows.values()))
     return list(rows.values())
 

@@ -2405,7 +2405,8 @@ def test_plan_summary_of_separate_runs_equals_the_summary_of_one_run(tiny_two_ro
     """Every row of plan.py's table (one per model checkpoint) draws from its own random generator,
     seeded from --seed and the row's name, so the summary over training seeds that --summary builds
     from two runs' plan.json files equals the one from a single run that plans both; a later file's row
-    replaces a same-named one; runs with other planner settings are refused."""
+    replaces a same-named one; runs with other planner settings are refused, but for the settings tuned
+    for each objective (--margin-scale), which are printed."""
     monkeypatch.setattr(tr, "MAX_STEPS", 25)
     monkeypatch.setattr(plan, "distance_maps", lambda *args: None)
     flags = ["--episodes", "3", "--samples", "8", "--horizon", "8", "--no-remember-blocked", "--no-keep-plan"]
@@ -2441,6 +2442,12 @@ def test_plan_summary_of_separate_runs_equals_the_summary_of_one_run(tiny_two_ro
     (tmp_path / "other.json").write_text(json.dumps(changed))
     with pytest.raises(SystemExit, match="other settings"):
         plan.summarise([files[0], str(tmp_path / "other.json")])
+    tuned = json.loads((tmp_path / "lewm" / "plan.json").read_text())
+    tuned["config"]["margin_scale"] = 0.5  # tuned for each objective: its rows sit beside the others
+    (tmp_path / "tuned.json").write_text(json.dumps(tuned))
+    capsys.readouterr()
+    assert untimed(plan.summarise([files[0], str(tmp_path / "tuned.json")])) == untimed(both)
+    assert f"{tmp_path / 'tuned.json'} (--margin-scale 0.5)" in capsys.readouterr().out
 
 
 def test_two_rooms_seeds_share_a_folder_and_the_table_shows_each_objective(tiny_two_rooms, tmp_path, capsys):
