@@ -354,17 +354,13 @@ class WorldModel(nn.Module):
         obs = obs.reshape(-1, *obs.shape[-3:]).contiguous(memory_format=torch.channels_last)
         return self.norm(self.encoder(obs)).reshape(*shape, self.latent)
 
-    def rollout_steps(self, z0, actions):
-        """The predicted embeddings (B, D) after each of the actions (B, H), one step at a time (a
-        planner scoring many long rollouts keeps what it needs of each and drops the rest)."""
-        z, onehot = z0, F.one_hot(actions, 4).to(z0.dtype)
-        for t in range(actions.shape[1]):
-            z = self.step(z, onehot[:, t])
-            yield z
-
     def rollout(self, z0, actions):
         """Predicted embeddings (B, H, D) after each of the actions (B, H)."""
-        return torch.stack(list(self.rollout_steps(z0, actions)), 1)
+        z, onehot, predicted = z0, F.one_hot(actions, 4).to(z0.dtype), []
+        for t in range(actions.shape[1]):
+            z = self.step(z, onehot[:, t])
+            predicted.append(z)
+        return torch.stack(predicted, 1)
 
 
 # -----------------------------------------------------------------------------
